@@ -1,0 +1,465 @@
+"""fleet's configuration: one pydantic tree, loaded from ``fleet.yaml``.
+
+Lookup order: ``--config PATH``, then ``$FLEET_CONFIG``, then ``./fleet.yaml``,
+then the embedded defaults (everything under ``./fleet-data``).
+``$FLEET_DATA_DIR``, ``$FLEET_DB_URL`` and ``$FLEET_STORE_URI`` override the
+data directory, the registry URL and the adapter store URI.
+
+Every field has a default and a docstring; ``fleet init`` writes them all out as
+a commented YAML file. Paths are made absolute at load time because Ray workers
+run in other working directories.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from fleet.errors import ConfigError
+
+ENV_CONFIG = "FLEET_CONFIG"
+ENV_DATA_DIR = "FLEET_DATA_DIR"
+ENV_DB_URL = "FLEET_DB_URL"
+ENV_STORE_URI = "FLEET_STORE_URI"
+DEFAULT_DATA_DIR = "fleet-data"
+DEFAULT_CONFIG_NAME = "fleet.yaml"
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class RegistryConfig(_Section):
+    url: str | None = None
+    """SQLAlchemy URL of the registry. Empty: sqlite:///<data_dir>/fleet.db. Production: postgresql+psycopg://user@host/db."""
+    busy_timeout_ms: int = Field(30_000, ge=0)
+    """SQLite: how long a writer waits for the lock before failing."""
+    pool_size: int = Field(5, ge=1)
+    """PostgreSQL: connections kept open per process."""
+    connect_attempts: int = Field(4, ge=1)
+    """How many times to try reaching the database before giving up with an error naming it."""
+    echo: bool = False
+    """Log every SQL statement (debugging only)."""
+
+
+class StoreConfig(_Section):
+    uri: str | None = None
+    """Where adapter versions live: file:///path or s3://bucket/prefix. Empty: file://<data_dir>/adapters."""
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph, moto). Empty: AWS's own."""
+    region: str = "us-east-1"
+    """S3 region."""
+    max_attempts: int = Field(5, ge=1)
+    """S3 attempts per request (exponential backoff between them)."""
+    connect_timeout_s: float = Field(5.0, gt=0)
+    """S3 connect timeout per attempt."""
+    multipart_threshold_mb: int = Field(64, ge=5)
+    """Objects larger than this are uploaded in parts."""
+    multipart_chunk_mb: int = Field(16, ge=5)
+    """Size of each multipart part."""
+
+
+class BaseModelConfig(_Section):
+    path: str | None = None
+    """Hugging Face causal-LM directory of the shared base. Empty: <data_dir>/base (the tiny offline base, built by `fleet base build`)."""
+    name: str = "fleet-tiny-llama"
+    """Name the base is registered under; every model records the base it was trained on."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute dtype. auto: float32 on CPU, bfloat16 on CUDA."""
+    device: str = "auto"
+    """torch device. auto: cuda when a GPU is visible to the process, else cpu."""
+
+
+class LoraConfig(_Section):
+    rank: int = Field(8, ge=1, le=256)
+    """Rank r of every new adapter."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA alpha; the delta is scaled by alpha/r (alpha/sqrt(r) with rslora)."""
+    use_rslora: bool = False
+    """Rank-stabilized scaling alpha/sqrt(r)."""
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    """Linear modules that carry adapters (names as in the base model)."""
+    max_slots: int = Field(512, ge=4)
+    """Adapter slots per engine (per replica or per training worker)."""
+
+
+class LearningSchedule(_Section):
+    lr: float = Field(2e-3, gt=0, le=1.0)
+    """Peak learning rate."""
+    warmup_steps: int = Field(5, ge=0)
+    """Linear warm-up steps."""
+    decay: Literal["constant", "linear", "cosine"] = "cosine"
+    """Shape after warm-up."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Floor of the decay as a fraction of lr."""
+    steps: int = Field(60, ge=1)
+    """Optimizer steps per training run."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay on adapter weights."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Per-member gradient-norm clip."""
+    rank: int | None = Field(None, ge=1, le=256)
+    """Rank of new adapters for this tier (empty: lora.rank)."""
+    replay_fraction: float = Field(0.25, ge=0, le=1)
+    """Share of older (already learned) items replayed with new ones."""
+    kl_weight: float = Field(0.0, ge=0)
+    """Weight of the KL penalty toward the base model's next-token distribution."""
+
+
+class DriftCaps(_Section):
+    max_kl: float = Field(2.0, gt=0)
+    """Hard cap on mean per-token KL(base || model) on the probe set, nats."""
+    max_rel_weight_norm: float = Field(1.0, gt=0)
+    """Hard cap on ||ΔW||_F / ||W0||_F aggregated over modules."""
+    min_top1_agreement: float = Field(0.2, ge=0, le=1)
+    """Hard floor on top-1 agreement with the base on the probe set."""
+    max_general_dnll: float = Field(1.0, gt=0)
+    """Hard cap on the rise of NLL on general held-out text (forgetting), nats/token."""
+
+
+class TierConfig(_Section):
+    min_interval_s: float = Field(600.0, ge=0)
+    """A model of this tier trains at most once per interval."""
+    min_pending_tokens: int = Field(1, ge=1)
+    """A model needs at least this many new tokens to be scheduled."""
+    schedule: LearningSchedule = Field(default_factory=LearningSchedule)
+    """Default learning schedule (a sweep with --apply stores a newer one in the registry)."""
+    drift: DriftCaps = Field(default_factory=DriftCaps)
+    """Hard drift caps; the population rule (mean + k·σ) applies on top."""
+    weight: float = Field(1.0, gt=0)
+    """Relative priority of this tier in the scheduler's urgency."""
+
+
+def _default_tiers() -> dict[str, TierConfig]:
+    return {
+        "company": TierConfig(min_interval_s=3600.0, weight=1.0),
+        "team": TierConfig(min_interval_s=1800.0, weight=1.0),
+        "individual": TierConfig(min_interval_s=600.0, weight=1.0),
+    }
+
+
+class DataConfig(_Section):
+    context_length: int = Field(128, ge=16)
+    """Tokens per training chunk; also the longest prompt the tiny base serves."""
+    heldout_fraction: float = Field(0.2, ge=0, lt=1)
+    """Share of a model's chunks held out to gate publication."""
+    repeated_query_min_members: int = Field(3, ge=2)
+    """A query asked by this many members of a team (teams of a company) becomes the parent's data."""
+    max_text_chars: int = Field(200_000, ge=1)
+    """Longest text accepted in one context item."""
+
+
+class TrainConfig(_Section):
+    rows_per_member: int = Field(4, ge=1)
+    """Rows each member contributes to one packed step."""
+    checkpoint_every: int = Field(20, ge=1)
+    """Steps between checkpoints (all members' adapters and optimizer states)."""
+    max_failures: int = Field(2, ge=1)
+    """Ray Train restarts a failed run from its last checkpoint this many times."""
+    storage_path: str | None = None
+    """Where Ray Train keeps run checkpoints: a path or s3://… Empty: <data_dir>/runs."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs per training worker when no GPU slice is assigned."""
+    min_heldout_improvement: float = Field(0.0, ge=0)
+    """Gate: held-out loss must fall by more than this (nats) to publish."""
+    seed: int = 0
+    """Seed for data order and fresh adapter initialisation."""
+
+
+class SliceSpec(_Section):
+    profile: str
+    """Slice type: full, frac-0.5, mig-1g.10gb …, or cpu."""
+    count: int = Field(1, ge=0)
+    """How many slices of this type the cluster has."""
+    memory_gb: float | None = Field(None, gt=0)
+    """Memory per slice (empty: the profile's known value)."""
+    speed: float | None = Field(None, gt=0)
+    """Relative speed (a full H100 = 1.0; empty: the profile's known value)."""
+
+
+class SchedulerConfig(_Section):
+    cycle_s: float = Field(600.0, gt=0)
+    """Length of one scheduling cycle."""
+    usage_half_life_s: float = Field(7 * 86400.0, gt=0)
+    """Half-life of the decayed usage in the fair-share factor F = 2^(-U/S)."""
+    reserve_serving_fraction: float = Field(0.25, ge=0, lt=1)
+    """Share of slices kept for serving, never given to training."""
+    aging_bound_cycles: int = Field(12, ge=1)
+    """Every model with pending data is scheduled within this many cycles, even under overload."""
+    default_company_budget_gpu_s_per_day: float | None = Field(None, gt=0)
+    """GPU-seconds per day a company may use (empty: unlimited); idle capacity may be borrowed beyond it."""
+    max_pack_members: int = Field(64, ge=1)
+    """Most members one pack may hold."""
+    tokens_per_gpu_s: float = Field(20_000.0, gt=0)
+    """Training throughput of a full slice (speed 1.0), tokens per second, for budgets."""
+    inventory: list[SliceSpec] = Field(default_factory=list)
+    """Slices to plan over. Empty: read from the Ray cluster (CPU slices stand in without GPUs)."""
+
+
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds."""
+    port: int = Field(8000, ge=1, le=65535)
+    """HTTP port."""
+    app_name: str = "fleet"
+    """Serve application name."""
+    replicas: int = Field(1, ge=1)
+    """Model replicas per base model (the minimum when autoscaling)."""
+    max_replicas: int = Field(1, ge=1)
+    """Autoscaling ceiling (equal to replicas: no autoscaling)."""
+    target_ongoing_requests: float = Field(32.0, gt=0)
+    """Autoscaling target per replica."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPU fraction per model replica (0 on CPU-only clusters)."""
+    num_cpus: float = Field(1.0, gt=0)
+    """CPUs per model replica."""
+    adapter_slots: int = Field(256, ge=4)
+    """Adapters each replica keeps loaded (LRU beyond it)."""
+    max_batch_size: int = Field(64, ge=1)
+    """Most rows in one decode step."""
+    batch_wait_ms: float = Field(2.0, ge=0)
+    """How long a step waits for more requests to join."""
+    max_queue: int = Field(1024, ge=1)
+    """Queued requests per replica before answering 503."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Ceiling on max_tokens per request."""
+    rate_limit_rps: float = Field(100.0, gt=0)
+    """Requests per second per company (token bucket)."""
+    rate_limit_burst: int = Field(200, ge=1)
+    """Token-bucket burst per company."""
+    stack_cache_s: float = Field(1.0, ge=0)
+    """How long a resolved stack is reused before the registry is asked again (promotion latency)."""
+
+
+class DivergenceConfig(_Section):
+    probe_prompts: int = Field(16, ge=1)
+    """Prompts in a generated probe set."""
+    probe_tokens: int = Field(64, ge=8)
+    """Tokens per probe prompt."""
+    top_k: int = Field(32, ge=1)
+    """Base log-probabilities cached per token: top-k plus tail mass."""
+    population_sigma: float = Field(3.0, gt=0)
+    """Population rule: flag a model above mean + k·σ of its tier's accepted models."""
+    min_population: int = Field(20, ge=2)
+    """The population rule applies once a tier has this many scored models."""
+    batch_models: int = Field(32, ge=1)
+    """Models scored per forward pass."""
+    watch_every_s: float = Field(600.0, gt=0)
+    """Default interval of `fleet drift watch`."""
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    """Ray cluster to join (ray://… or an address). Empty: start a local Ray."""
+    namespace: str = "fleet"
+    """Ray namespace of fleet's jobs, actors and Serve app."""
+    dashboard_url: str = "http://127.0.0.1:8265"
+    """Jobs API / dashboard address for job submission."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of a local Ray (empty: all)."""
+
+
+class SweepConfig(_Section):
+    kl_lambda: float = Field(0.5, ge=0)
+    """Objective = held-out loss + λ·KL(base || model)."""
+    report_every: int = Field(5, ge=1)
+    """Steps between reports to Tune (ASHA decides on these)."""
+
+
+class FleetConfig(_Section):
+    """The whole configuration of one fleet."""
+
+    data_dir: str = DEFAULT_DATA_DIR
+    """Local state: SQLite registry, adapter store, base model, run checkpoints."""
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    """The registry database."""
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    """The adapter store."""
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    """The shared base model."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """Adapter shape and engine size."""
+    tiers: dict[str, TierConfig] = Field(default_factory=_default_tiers)
+    """Per-tier settings, keyed company, team, individual."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Ingestion and chunking."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Packed training runs."""
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    """Scheduling policy and inventory."""
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    """The Serve application."""
+    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
+    """Drift measurement and policy."""
+    ray: RayConfig = Field(default_factory=RayConfig)
+    """The Ray cluster."""
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    """Tune sweeps over learning schedules."""
+
+    @field_validator("tiers")
+    @classmethod
+    def _known_tiers(cls, tiers: dict[str, TierConfig]) -> dict[str, TierConfig]:
+        unknown = sorted(set(tiers) - {"company", "team", "individual"})
+        if unknown:
+            raise ValueError(f"unknown tier(s) {unknown}; tiers are company, team, individual")
+        merged = _default_tiers()
+        merged.update(tiers)
+        return merged
+
+    @model_validator(mode="after")
+    def _check(self) -> FleetConfig:
+        if self.serve.max_replicas < self.serve.replicas:
+            raise ValueError("serve.max_replicas must be >= serve.replicas")
+        return self
+
+    # -- resolved locations ---------------------------------------------------------------
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    @property
+    def registry_url(self) -> str:
+        return self.registry.url or f"sqlite:///{self.data_path / 'fleet.db'}"
+
+    @property
+    def store_uri(self) -> str:
+        return self.store.uri or (self.data_path / "adapters").as_uri()
+
+    @property
+    def base_path(self) -> Path:
+        return Path(self.base.path) if self.base.path else self.data_path / "base"
+
+    @property
+    def runs_path(self) -> str:
+        return self.train.storage_path or str(self.data_path / "runs")
+
+    def tier(self, name: str) -> TierConfig:
+        try:
+            return self.tiers[str(getattr(name, "value", name))]
+        except KeyError:
+            raise ConfigError(f"unknown tier {name!r}; tiers are company, team, individual") from None
+
+
+def _apply_env(raw: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    if env.get(ENV_DATA_DIR):
+        raw["data_dir"] = env[ENV_DATA_DIR]
+    if env.get(ENV_DB_URL):
+        raw.setdefault("registry", {})["url"] = env[ENV_DB_URL]
+    if env.get(ENV_STORE_URI):
+        raw.setdefault("store", {})["uri"] = env[ENV_STORE_URI]
+    return raw
+
+
+def find_config_path(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Path | None:
+    env = dict(os.environ) if env is None else env
+    if path:
+        return Path(path)
+    if env.get(ENV_CONFIG):
+        return Path(env[ENV_CONFIG])
+    local = Path.cwd() / DEFAULT_CONFIG_NAME
+    return local if local.exists() else None
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> FleetConfig:
+    """Load the configuration (see the module docstring for the lookup order)."""
+    env = dict(os.environ) if env is None else env
+    cfg_path = find_config_path(path, env)
+    raw: dict[str, Any] = {}
+    base_dir = Path.cwd()
+    if cfg_path is not None:
+        if not cfg_path.exists():
+            raise ConfigError(f"config file {cfg_path} does not exist (from --config or ${ENV_CONFIG})")
+        try:
+            loaded = yaml.safe_load(cfg_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {cfg_path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {cfg_path} must hold a mapping at the top level")
+        raw = loaded
+        base_dir = cfg_path.resolve().parent
+    raw = _apply_env(raw, env)
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    try:
+        cfg = FleetConfig.model_validate(raw)
+    except PydanticValidationError as exc:
+        where = f"config file {cfg_path}" if cfg_path else "configuration"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{where} is invalid: {problems}") from None
+    return _absolutize(cfg, base_dir)
+
+
+def _absolutize(cfg: FleetConfig, base_dir: Path) -> FleetConfig:
+    data = Path(cfg.data_dir).expanduser()
+    if not data.is_absolute():
+        data = (base_dir / data).resolve()
+    cfg.data_dir = str(data)
+    if cfg.base.path and not Path(cfg.base.path).is_absolute():
+        cfg.base.path = str((base_dir / cfg.base.path).resolve())
+    sp = cfg.train.storage_path
+    if sp and "://" not in sp and not Path(sp).is_absolute():
+        cfg.train.storage_path = str((base_dir / sp).resolve())
+    return cfg
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def render_commented_yaml(cfg: FleetConfig | None = None) -> str:
+    """The configuration as YAML with every field's docstring as a comment above it."""
+    cfg = cfg or FleetConfig()
+    lines = [
+        "# fleet configuration. Every field is optional; shown here with its default.",
+        f"# Overrides: ${ENV_DATA_DIR}, ${ENV_DB_URL} (registry.url), ${ENV_STORE_URI} (store.uri).",
+        "",
+    ]
+    _render(cfg, lines, 0)
+    return "\n".join(lines) + "\n"
+
+
+def _render(model: BaseModel, lines: list[str], indent: int) -> None:
+    pad = "  " * indent
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if field.description:
+            for dl in field.description.strip().splitlines():
+                lines.append(f"{pad}# {dl.strip()}")
+        if isinstance(value, BaseModel):
+            lines.append(f"{pad}{name}:")
+            _render(value, lines, indent + 1)
+        elif isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
+            lines.append(f"{pad}{name}:")
+            for key, sub in value.items():
+                lines.append(f"{pad}  {key}:")
+                _render(sub, lines, indent + 2)
+        else:
+            dumped = yaml.safe_dump(_plain(value), default_flow_style=True, width=1000).strip()
+            dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"{pad}{name}: {dumped}")
+        if indent == 0:
+            lines.append("")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
