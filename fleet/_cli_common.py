@@ -1,0 +1,46 @@
+"""Shared pieces of fleet's command line: the loaded config, the console, error exits.
+
+Subsystem command modules (``fleet/<subsystem>/cli.py``) import only this and
+typer at module level; heavy imports (torch, ray) happen inside the commands so
+that ``fleet --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+
+from fleet.config import FleetConfig, load_config
+
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+_state: dict[str, Any] = {"config_path": None, "config": None}
+
+
+def set_config_path(path: str | None) -> None:
+    _state["config_path"] = path
+    _state["config"] = None
+
+
+def config() -> FleetConfig:
+    """The configuration of this invocation (loaded once)."""
+    if _state["config"] is None:
+        _state["config"] = load_config(_state["config_path"])
+    return _state["config"]
+
+
+def print_json(obj: Any) -> None:
+    """Machine-readable output: one JSON document on stdout, nothing else."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def not_built(what: str) -> None:
+    """Commands whose capability has not landed yet fail clearly instead of pretending."""
+    from fleet.errors import NotBuiltError
+
+    raise NotBuiltError(f"{what} is not built in this release of fleet yet")

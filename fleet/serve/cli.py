@@ -1,0 +1,17 @@
+"""``fleet serve``."""
+
+from __future__ import annotations
+
+import typer
+
+from fleet import _cli_common as common
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        port: int = typer.Option(None, "--port", help="HTTP port (default: serve.port)."),
+        address: str = typer.Option(None, "--address", help="Ray cluster to join (default: local Ray)."),
+    ) -> None:
+        """Serve every model behind an OpenAI-compatible API on Ray Serve."""
+        common.not_built("fleet serve")
