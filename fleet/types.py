@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from fleet.errors import InvalidIdError
 
@@ -15,7 +15,7 @@ _SEGMENT = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 MAX_DEPTH = 3
 
 
-class Level(str, Enum):
+class Level(StrEnum):
     """Where a node sits in the tenant tree; also the tier a model is configured by."""
 
     COMPANY = "company"
@@ -40,7 +40,7 @@ Tier = Level
 TIERS: tuple[str, ...] = tuple(level.value for level in Level)
 
 
-class AdapterState(str, Enum):
+class AdapterState(StrEnum):
     """Lifecycle of an adapter version: candidate → active → retired, or candidate → rejected."""
 
     CANDIDATE = "candidate"
@@ -63,13 +63,13 @@ class AdapterState(str, Enum):
         return self in (AdapterState.CANDIDATE, AdapterState.RETIRED)
 
 
-class ContextKind(str, Enum):
+class ContextKind(StrEnum):
     DOCUMENT = "document"
     CONVERSATION = "conversation"
     FEEDBACK = "feedback"
 
 
-class DriftState(str, Enum):
+class DriftState(StrEnum):
     """What the divergence monitor last decided about a model."""
 
     OK = "ok"
@@ -82,7 +82,7 @@ class DriftState(str, Enum):
         return self is not DriftState.FROZEN
 
 
-class DriftAction(str, Enum):
+class DriftAction(StrEnum):
     WARN = "warn"
     FREEZE = "freeze"
     ROLLBACK = "rollback"
@@ -90,7 +90,7 @@ class DriftAction(str, Enum):
     UNFREEZE = "unfreeze"
 
 
-class RunStatus(str, Enum):
+class RunStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     SUCCEEDED = "succeeded"

@@ -1,1 +1,50 @@
-"""fleet.store"""
+"""The adapter store: local directory (``file://``) or S3 (``s3://bucket/prefix``).
+
+store = open_store(cfg)
+staged = store.stage("acme/search", config_json, safetensors_bytes)
+registry.publish_versions(store, [PublishRequest(..., staged=staged)])   # commits v<n>
+files = store.read_version(version.uri, version.sha256)                  # verified
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlparse
+
+from fleet.config import FleetConfig, StoreConfig
+from fleet.errors import ConfigError
+from fleet.store._base import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterFiles,
+    AdapterStore,
+    Staged,
+    sha256_hex,
+)
+from fleet.store.local import LocalStore
+
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "AdapterFiles",
+    "AdapterStore",
+    "LocalStore",
+    "Staged",
+    "open_store",
+    "open_store_uri",
+    "sha256_hex",
+]
+
+
+def open_store_uri(uri: str, cfg: StoreConfig | None = None) -> AdapterStore:
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return LocalStore(unquote(parsed.path))
+    if parsed.scheme == "s3":
+        from fleet.store.s3 import S3Store
+
+        return S3Store(uri, cfg)
+    raise ConfigError(f"store URI {uri!r}: use file:///path or s3://bucket/prefix")
+
+
+def open_store(cfg: FleetConfig) -> AdapterStore:
+    return open_store_uri(cfg.store_uri, cfg.store)

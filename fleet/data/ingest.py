@@ -1,0 +1,252 @@
+"""Ingestion of private context: validated, deduplicated, token-counted, one transaction.
+
+A file is JSON Lines, one item per line::
+
+    {"kind": "document" | "conversation" | "feedback", "text": "...", "meta": {...}}   # meta optional
+
+The whole file is validated before anything is stored; the first malformed line raises an
+error naming its line number and field, and nothing is written. Items whose text a model
+already has (same sha256) are skipped and counted.
+
+Repeated queries: a query is a ``Q: …`` line followed by an ``A: …`` line in a conversation,
+or ``meta.query`` / ``meta.answer``. When at least ``data.repeated_query_min_members``
+members of a team have asked the same normalized query, it becomes one conversation item of
+the team's model; when that many teams of a company have, of the company's model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleet.errors import ValidationError
+from fleet.registry import IngestCount, NewItem, Registry
+from fleet.types import ContextKind, lineage, validate_id
+
+TokenCounter = Callable[[Sequence[str]], list[int]]
+_KINDS = {k.value for k in ContextKind}
+_FIELDS = {"kind", "text", "meta"}
+_QA = re.compile(r"^Q:\s*(?P<q>.+?)\s*\n\s*A:\s*(?P<a>.+?)\s*$", re.MULTILINE)
+
+
+@dataclass
+class IngestReport:
+    model_id: str
+    lines: int
+    inserted: int
+    duplicates: int
+    tokens: int
+    promoted: list[IngestCount] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "lines": self.lines,
+            "inserted": self.inserted,
+            "duplicates": self.duplicates,
+            "tokens": self.tokens,
+            "promoted_to_parents": [c.__dict__ for c in self.promoted if c.inserted],
+        }
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def normalize_query(query: str) -> str:
+    """Lowercase, punctuation dropped, whitespace collapsed: what counts as 'the same query'."""
+    q = re.sub(r"[^\w\s]", " ", query.lower())
+    return " ".join(q.split())
+
+
+def parse_jsonl(lines: Iterable[str], *, max_chars: int, source: str = "input") -> list[dict[str, Any]]:
+    """Validate every line; raise ValidationError naming the first bad line and field."""
+    items: list[dict[str, Any]] = []
+    for no, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValidationError(
+                f"{source}: line {no}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        items.append(validate_item(obj, where=f"{source}: line {no}", max_chars=max_chars))
+    if not items:
+        raise ValidationError(f"{source}: no items (expected JSON Lines with kind and text)")
+    return items
+
+
+def validate_item(obj: Any, *, where: str, max_chars: int) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ValidationError(f"{where}: expected a JSON object with 'kind' and 'text'")
+    extra = sorted(set(obj) - _FIELDS)
+    if extra:
+        raise ValidationError(f"{where}: unknown field {extra[0]!r} (allowed: kind, text, meta)")
+    kind = obj.get("kind")
+    if kind not in _KINDS:
+        raise ValidationError(f"{where}: field 'kind' must be one of {sorted(_KINDS)}, got {kind!r}")
+    text = obj.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ValidationError(f"{where}: field 'text' must be a non-empty string")
+    if len(text) > max_chars:
+        raise ValidationError(f"{where}: field 'text' has {len(text)} characters; the limit is {max_chars}")
+    meta = obj.get("meta")
+    if meta is not None and not isinstance(meta, dict):
+        raise ValidationError(f"{where}: field 'meta' must be an object when present")
+    if meta:
+        for k in ("query", "answer"):
+            if k in meta and (not isinstance(meta[k], str) or not meta[k].strip()):
+                raise ValidationError(f"{where}: field 'meta.{k}' must be a non-empty string")
+        if ("query" in meta) != ("answer" in meta):
+            raise ValidationError(f"{where}: 'meta.query' and 'meta.answer' come together")
+    return {"kind": kind, "text": text, "meta": meta}
+
+
+def extract_queries(item: dict[str, Any]) -> list[tuple[str, str]]:
+    meta = item.get("meta") or {}
+    out = []
+    if "query" in meta:
+        out.append((meta["query"].strip(), meta["answer"].strip()))
+    if item["kind"] == ContextKind.CONVERSATION.value:
+        out += [(m["q"], m["a"]) for m in _QA.finditer(item["text"])]
+    return out
+
+
+class Ingestor:
+    """Ingests items into the registry with a base-tokenizer token counter."""
+
+    def __init__(
+        self, registry: Registry, count_tokens: TokenCounter, *, max_chars: int, repeated_min: int
+    ) -> None:
+        self.registry = registry
+        self.count_tokens = count_tokens
+        self.max_chars = max_chars
+        self.repeated_min = repeated_min
+
+    def ingest_file(self, model_id: str, path: str | Path) -> IngestReport:
+        validate_id(model_id)
+        p = Path(path)
+        if not p.is_file():
+            raise ValidationError(f"{p}: no such file")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValidationError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        return self.ingest_items(
+            model_id, parse_jsonl(text.splitlines(), max_chars=self.max_chars, source=str(p))
+        )
+
+    def ingest_items(self, model_id: str, items: Sequence[dict[str, Any]]) -> IngestReport:
+        """Validated item dicts → one transaction; then repeated-query promotion to parents."""
+        return self.ingest_many({model_id: items})[0]
+
+    def ingest_many(self, batches: dict[str, Sequence[dict[str, Any]]]) -> list[IngestReport]:
+        """Several models' items in ONE transaction (the demo's bulk path)."""
+        for mid in batches:
+            validate_id(mid)
+        self.registry.get_models(list(batches))  # unknown models fail before any work
+        new: dict[str, list[NewItem]] = {}
+        for mid, items in batches.items():
+            items = [
+                validate_item(it, where=f"{mid} item {i}", max_chars=self.max_chars)
+                for i, it in enumerate(items, 1)
+            ]
+            tokens = self.count_tokens([it["text"] for it in items])
+            new[mid] = [
+                NewItem(it["kind"], it["text"], n, text_sha256(it["text"]), it["meta"])
+                for it, n in zip(items, tokens, strict=True)
+            ]
+        counts = {c.model_id: c for c in self.registry.add_items(new)}
+        promoted = self._promote_queries(batches)
+        return [
+            IngestReport(
+                mid,
+                len(batches[mid]),
+                counts[mid].inserted,
+                counts[mid].duplicates,
+                counts[mid].tokens,
+                promoted,
+            )
+            for mid in batches
+        ]
+
+    def _promote_queries(self, batches: dict[str, Sequence[dict[str, Any]]]) -> list[IngestCount]:
+        logs = []
+        for mid, items in batches.items():
+            lin = lineage(mid)
+            if len(lin) < 2:
+                continue  # a company has no parent to teach
+            for it in items:
+                for q, a in extract_queries(it):
+                    norm = normalize_query(q)
+                    if norm:
+                        logs.append(
+                            {
+                                "parent_id": lin[-2],
+                                "query_sha256": text_sha256(norm),
+                                "asker_id": mid,
+                                "query": q,
+                                "answer": a,
+                            }
+                        )
+        if not logs:
+            return []
+        self.registry.log_queries(logs)
+        promoted: list[IngestCount] = []
+        parents = sorted({row["parent_id"] for row in logs})
+        # Team-level promotions are themselves "asked" by the team at company level.
+        while parents:
+            found = self.registry.repeated_queries(parents, self.repeated_min)
+            if not found:
+                break
+            batches2: dict[str, list[dict[str, Any]]] = {}
+            next_logs = []
+            for f in found:
+                text = f"Q: {f['query']}\nA: {f['answer']}"
+                batches2.setdefault(f["parent_id"], []).append(
+                    {
+                        "kind": "conversation",
+                        "text": text,
+                        "meta": {"source": "repeated-query", "askers": f["askers"]},
+                    }
+                )
+                lin = lineage(f["parent_id"])
+                if len(lin) >= 2:
+                    next_logs.append(
+                        {
+                            "parent_id": lin[-2],
+                            "query_sha256": f["query_sha256"],
+                            "asker_id": f["parent_id"],
+                            "query": f["query"],
+                            "answer": f["answer"],
+                        }
+                    )
+            new = {
+                pid: [
+                    NewItem(it["kind"], it["text"], n, text_sha256(it["text"]), it["meta"])
+                    for it, n in zip(items, self.count_tokens([i["text"] for i in items]), strict=True)
+                ]
+                for pid, items in batches2.items()
+            }
+            promoted += self.registry.add_items(new)
+            self.registry.log_queries(next_logs)
+            parents = sorted({row["parent_id"] for row in next_logs})
+        return promoted
+
+
+def tokenizer_counter(tokenizer) -> TokenCounter:
+    """Token counts from a Hugging Face tokenizer, without special tokens."""
+
+    def count(texts: Sequence[str]) -> list[int]:
+        if not texts:
+            return []
+        enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        return [len(ids) for ids in enc]
+
+    return count

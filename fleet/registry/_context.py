@@ -1,0 +1,172 @@
+"""Context items (the private data models learn from), training snapshots, repeated queries.
+
+Ingestion locks the model row *before* inserting items; a training snapshot takes a shared
+lock on the same rows before reading. Item ids of one model therefore become visible in id
+order, and a watermark (the newest item id a version learned) never skips an item that was
+still being committed when the snapshot was read.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import bindparam, func, select, update
+
+from fleet.registry._core import MODELS, RegistryCore
+from fleet.registry.records import TrainingSnapshot
+from fleet.registry.schema import ContextItem, QueryLog
+from fleet.types import validate_id
+
+ITEMS = ContextItem.__table__
+QUERIES = QueryLog.__table__
+
+
+@dataclass(frozen=True)
+class NewItem:
+    kind: str
+    text: str
+    tokens: int
+    sha256: str
+    meta: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class IngestCount:
+    model_id: str
+    inserted: int
+    duplicates: int
+    tokens: int
+
+
+_BUMP = (
+    update(MODELS)
+    .where(MODELS.c.id == bindparam("mid"))
+    .values(
+        pending_tokens=MODELS.c.pending_tokens + bindparam("tok"),
+        total_tokens=MODELS.c.total_tokens + bindparam("tok"),
+        item_count=MODELS.c.item_count + bindparam("n"),
+    )
+)
+
+
+class ContextMixin(RegistryCore):
+    def add_items(
+        self, batches: dict[str, Sequence[NewItem]], *, received_at: float | None = None
+    ) -> list[IngestCount]:
+        """Insert items for one or more models in ONE transaction, skipping duplicates by sha256."""
+        now = received_at if received_at is not None else self.now()
+        counts: list[IngestCount] = []
+        with self.tx() as conn:
+            self.lock_models(conn, batches.keys())
+            stmt = self.insert_ignoring(ITEMS, ["model_id", "sha256"]).returning(ITEMS.c.tokens)
+            bumps = []
+            for mid in sorted(batches):
+                seen: set[str] = set()
+                rows = []
+                for it in batches[mid]:
+                    if it.sha256 in seen:
+                        continue
+                    seen.add(it.sha256)
+                    rows.append(
+                        {
+                            "model_id": mid,
+                            "kind": it.kind,
+                            "text": it.text,
+                            "tokens": int(it.tokens),
+                            "sha256": it.sha256,
+                            "meta": it.meta,
+                            "received_at": now,
+                        }
+                    )
+                inserted_tokens = [t for (t,) in conn.execute(stmt, rows).all()] if rows else []
+                n, tok = len(inserted_tokens), int(sum(inserted_tokens))
+                counts.append(IngestCount(mid, n, len(batches[mid]) - n, tok))
+                if n:
+                    bumps.append({"mid": mid, "tok": tok, "n": n})
+            if bumps:
+                conn.execute(_BUMP, bumps)
+        return counts
+
+    def training_snapshot(
+        self, model_ids: Sequence[str], *, replay_fraction: float | dict[str, float] = 0.0, seed: int = 0
+    ) -> dict[str, TrainingSnapshot]:
+        """Each member's items after its watermark plus a replayed sample of older ones.
+
+        ``snapshot_max_id`` is what a version trained on this snapshot records as its watermark.
+        """
+        out: dict[str, TrainingSnapshot] = {}
+        with self.read() as conn:
+            models = {r.id: r for r in self.lock_models(conn, model_ids, shared=True)}
+            for mid in sorted(models):
+                wm = int(models[mid].watermark or 0)
+                rows = conn.execute(
+                    select(ITEMS.c.id, ITEMS.c.text).where(ITEMS.c.model_id == mid).order_by(ITEMS.c.id)
+                ).all()
+                new = [(r.id, r.text) for r in rows if r.id > wm]
+                old = [(r.id, r.text) for r in rows if r.id <= wm]
+                frac = replay_fraction.get(mid, 0.0) if isinstance(replay_fraction, dict) else replay_fraction
+                # Replay enough old items that they make up `frac` of the training data.
+                want = (
+                    int(round(len(new) * frac / (1 - frac)))
+                    if 0 < frac < 1
+                    else (len(old) if frac >= 1 else 0)
+                )
+                if old and want:
+                    rng = random.Random(f"{seed}:{mid}:{wm}")
+                    old = sorted(rng.sample(old, min(want, len(old))))
+                else:
+                    old = []
+                top = rows[-1].id if rows else wm
+                out[mid] = TrainingSnapshot(mid, wm, max(top, wm), new, old)
+        return out
+
+    def items(self, model_id: str, *, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        validate_id(model_id)
+        stmt = select(ITEMS).where(ITEMS.c.model_id == model_id, ITEMS.c.id > after).order_by(ITEMS.c.id)
+        if limit:
+            stmt = stmt.limit(limit)
+        with self.read() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    # -- repeated queries ------------------------------------------------------------------
+    def log_queries(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Record who asked which normalized query under which parent (duplicates ignored)."""
+        if not rows:
+            return
+        now = self.now()
+        stmt = self.insert_ignoring(QUERIES, ["parent_id", "query_sha256", "asker_id"])
+        with self.tx() as conn:
+            conn.execute(stmt, [{**r, "created_at": now} for r in rows])
+
+    def repeated_queries(self, parent_ids: Sequence[str], min_askers: int) -> list[dict[str, Any]]:
+        """Queries asked by at least ``min_askers`` distinct askers under each parent."""
+        if not parent_ids:
+            return []
+        with self.read() as conn:
+            groups = conn.execute(
+                select(QUERIES.c.parent_id, QUERIES.c.query_sha256, func.count().label("n"))
+                .where(QUERIES.c.parent_id.in_(sorted(set(parent_ids))))
+                .group_by(QUERIES.c.parent_id, QUERIES.c.query_sha256)
+                .having(func.count() >= min_askers)
+            ).all()
+            out = []
+            for g in groups:
+                first = conn.execute(
+                    select(QUERIES.c.query, QUERIES.c.answer)
+                    .where(QUERIES.c.parent_id == g.parent_id, QUERIES.c.query_sha256 == g.query_sha256)
+                    .order_by(QUERIES.c.id)
+                    .limit(1)
+                ).first()
+                out.append(
+                    {
+                        "parent_id": g.parent_id,
+                        "query_sha256": g.query_sha256,
+                        "askers": int(g.n),
+                        "query": first.query,
+                        "answer": first.answer,
+                    }
+                )
+        return out
