@@ -9,7 +9,8 @@ error naming its line number and field, and nothing is written. Items whose text
 already has (same sha256) are skipped and counted.
 
 Repeated queries: a query is a ``Q: …`` line followed by an ``A: …`` line in a conversation,
-or ``meta.query`` / ``meta.answer``. When at least ``data.repeated_query_min_members``
+a user turn followed by an assistant turn in the base's chat format, or ``meta.query`` /
+``meta.answer``. When at least ``data.repeated_query_min_members``
 members of a team have asked the same normalized query, it becomes one conversation item of
 the team's model; when that many teams of a company have, of the company's model.
 """
@@ -32,6 +33,9 @@ TokenCounter = Callable[[Sequence[str]], list[int]]
 _KINDS = {k.value for k in ContextKind}
 _FIELDS = {"kind", "text", "meta"}
 _QA = re.compile(r"^Q:\s*(?P<q>.+?)\s*\n\s*A:\s*(?P<a>.+?)\s*$", re.MULTILINE)
+# A user turn answered by an assistant turn in the chat format of fleet's base
+# ("<|user|>\n…<|eos|>\n<|assistant|>\n…<|eos|>").
+_TURNS = re.compile(r"<\|user\|>\n(?P<q>.+?)<\|eos\|>\s*<\|assistant\|>\n(?P<a>.+?)<\|eos\|>", re.DOTALL)
 
 
 @dataclass
@@ -114,7 +118,8 @@ def extract_queries(item: dict[str, Any]) -> list[tuple[str, str]]:
     if "query" in meta:
         out.append((meta["query"].strip(), meta["answer"].strip()))
     if item["kind"] == ContextKind.CONVERSATION.value:
-        out += [(m["q"], m["a"]) for m in _QA.finditer(item["text"])]
+        out += [(m["q"].strip(), m["a"].strip()) for m in _QA.finditer(item["text"])]
+        out += [(m["q"].strip(), m["a"].strip()) for m in _TURNS.finditer(item["text"])]
     return out
 
 
