@@ -13,6 +13,7 @@ run in other working directories.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -273,6 +274,198 @@ class SweepConfig(_Section):
     """Steps between reports to Tune (ASHA decides on these)."""
 
 
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+_CRON_FIELD = re.compile(r"^[0-9*/,\-A-Za-z?]+$")
+
+
+class DeployNodeType(_Section):
+    gpu: str = "A10G"
+    """GPU model: A10G, L4, L40S, A100-40GB, A100-80GB, H100, H200, or none (a CPU-only node)."""
+    gpus: int = Field(1, ge=0)
+    """Physical GPUs per node (0 with gpu: none)."""
+    mig_profiles: list[str] = Field(default_factory=list)
+    """MIG instances of one profile each GPU gives this node type, e.g. [3g.40gb, 3g.40gb]; empty: whole GPUs. Each instance is a Ray GPU plus one unit of fleet_slice_<profile>."""
+    roles: list[Literal["serve", "train"]] = Field(default_factory=lambda: ["serve", "train"])
+    """What this type runs on Kubernetes: serve (RayService workers), train (training RayCluster). The launcher's one cluster has every type."""
+    min_workers: int = Field(0, ge=0)
+    """Nodes kept up (launcher) and serving pods kept up (RayService); the training RayCluster always scales to zero."""
+    max_workers: int = Field(4, ge=0)
+    """Most nodes (launcher) or pods (Kubernetes) of this type."""
+    instance_type: str = "g5.8xlarge"
+    """AWS instance type (cluster launcher)."""
+    disk_gb: int = Field(500, ge=50)
+    """Root volume of a launcher node, GiB (image, base model, caches)."""
+    cpus: int = Field(30, ge=1)
+    """CPUs of a Kubernetes pod of this type (request = limit); one pod per node, sized to its allocatable CPUs."""
+    memory_gb: int = Field(110, ge=1)
+    """Memory of a Kubernetes pod of this type, GiB (request = limit)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Kubernetes node labels a pod of this type requires. Empty: nvidia.com/gpu.product of the GPU model."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DeployNodeType:
+        if self.min_workers > self.max_workers:
+            raise ValueError(f"min_workers ({self.min_workers}) exceeds max_workers ({self.max_workers})")
+        if self.gpu == "none" and (self.gpus or self.mig_profiles):
+            raise ValueError("gpu: none takes gpus: 0 and no mig_profiles")
+        if self.gpu != "none" and self.gpus < 1:
+            raise ValueError(f"gpu: {self.gpu} needs gpus >= 1 (or gpu: none for a CPU-only node)")
+        if not self.roles:
+            raise ValueError("roles must name serve, train or both")
+        return self
+
+
+def _default_node_types() -> dict[str, DeployNodeType]:
+    return {
+        "a10g": DeployNodeType(
+            gpu="A10G",
+            gpus=1,
+            instance_type="g5.8xlarge",
+            cpus=30,
+            memory_gb=110,
+            min_workers=1,
+            max_workers=8,
+            roles=["serve", "train"],
+        ),
+        # Every H100 split in two 40 GB instances (the GPU operator's all-3g.40gb layout).
+        "h100": DeployNodeType(
+            gpu="H100",
+            gpus=8,
+            mig_profiles=["3g.40gb", "3g.40gb"],
+            instance_type="p5.48xlarge",
+            disk_gb=1000,
+            cpus=180,
+            memory_gb=1800,
+            min_workers=0,
+            max_workers=2,
+            roles=["train"],
+        ),
+    }
+
+
+def _default_overlays() -> dict[str, dict[str, Any]]:
+    return {
+        # A laptop cluster (kind, minikube): CPU pods only, the tiny base, slow cron.
+        "dev": {
+            "deploy": {
+                "namespace": "fleet-dev",
+                "image": "fleet:dev",
+                "serve_gpus": 0.0,
+                "head_cpus": 2,
+                "head_memory_gb": 8,
+                "cron_schedule": "*/30 * * * *",
+                "node_types": {
+                    "a10g": None,
+                    "h100": None,
+                    "cpu": {
+                        "gpu": "none",
+                        "gpus": 0,
+                        "instance_type": "m5.2xlarge",
+                        "cpus": 2,
+                        "memory_gb": 8,
+                        "min_workers": 1,
+                        "max_workers": 2,
+                        "roles": ["serve", "train"],
+                    },
+                },
+            },
+            "serve": {"replicas": 1, "max_replicas": 1},
+        },
+        "prod": {
+            "deploy": {
+                "node_types": {"a10g": {"min_workers": 2, "max_workers": 16}, "h100": {"max_workers": 4}}
+            },
+            "serve": {"replicas": 2, "max_replicas": 16},
+        },
+    }
+
+
+class DeployConfig(_Section):
+    name: str = "fleet"
+    """Name of the clusters and prefix of every Kubernetes object (fleet, fleet-train, fleet-cycle, fleet-config)."""
+    namespace: str = "fleet"
+    """Kubernetes namespace."""
+    ray_version: str = "2.60.0"
+    """Ray version of every image; must equal the Ray that submits to the cluster."""
+    ray_image: str | None = None
+    """Image of the launcher's nodes. Empty: rayproject/ray:<ray_version>-py311-gpu."""
+    image: str = "fleet:0.1.0"
+    """Image of the Kubernetes pods: the Ray image with fleet installed (k8s/Dockerfile)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Kubernetes imagePullPolicy of every container."""
+    package_source: str = "."
+    """What the launcher's nodes pip-install: a local path (., /…, ~/…; a directory or wheel, copied by file_mounts) or a pip requirement such as 'fleet @ git+https://host/org/fleet@v0.1.0'."""
+    env_file: str = "~/.fleet/cluster.env"
+    """Launcher: local KEY=value file (FLEET_DB_URL, FLEET_STORE_URI, AWS_* keys) copied to every node and exported before ray start. Never committed."""
+    aws_region: str = "us-east-1"
+    """Launcher: AWS region of the nodes."""
+    aws_instance_profile_arn: str | None = None
+    """Launcher: IAM instance profile of every node (S3 access without keys). Empty: Ray's default profile."""
+    ssh_user: str = "ubuntu"
+    """Launcher: SSH user of the node image."""
+    head_instance_type: str = "m5.2xlarge"
+    """Launcher: AWS instance type of the CPU head."""
+    head_cpus: int = Field(4, ge=1)
+    """Kubernetes: CPUs of a head pod (request = limit)."""
+    head_memory_gb: int = Field(16, ge=2)
+    """Kubernetes: memory of a head pod, GiB (request = limit)."""
+    node_types: dict[str, DeployNodeType] = Field(default_factory=_default_node_types)
+    """Worker node types (launcher) and worker groups (KubeRay), keyed by name."""
+    idle_timeout_s: int = Field(600, ge=0)
+    """An idle worker is removed after this long."""
+    upscaling_speed: float = Field(1.0, gt=0)
+    """Launcher: nodes added per step as a multiple of the running ones."""
+    upscaling_mode: Literal["Default", "Aggressive", "Conservative"] = "Default"
+    """KubeRay autoscaler upscaling mode."""
+    data_dir: str = "/home/ray/fleet-data"
+    """data_dir on the cluster's nodes (base model, caches); fleet.yaml in the clusters uses it."""
+    train_storage_path: str | None = None
+    """train.storage_path in the clusters: a location every node reaches (s3://bucket/fleet/runs). Empty: the head's disk (single-node runs only)."""
+    serve_gpus: float = Field(1.0, ge=0)
+    """GPUs (a MIG instance counts as one) per model replica in the clusters; 0 serves on CPUs."""
+    serve_slice: str | None = None
+    """MIG profile every model replica requests as fleet_slice_<profile> (e.g. 3g.40gb). Empty: any GPU."""
+    ingress_replicas: int = Field(2, ge=1)
+    """Replicas of the HTTP ingress deployment (FleetIngress)."""
+    cron_schedule: str = "*/10 * * * *"
+    """Kubernetes: cron schedule of the control-loop cycle (fleet run --once)."""
+    cron_time_zone: str = "Etc/UTC"
+    """Kubernetes: time zone of cron_schedule."""
+    cycle_deadline_s: int = Field(540, ge=60)
+    """Kubernetes: a cycle running longer is stopped; keep it below the cron interval so cycles never overlap."""
+    registry_secret: str = "fleet-registry"
+    """Kubernetes Secret holding the PostgreSQL URL under key url (referenced, never rendered)."""
+    s3_secret: str = "fleet-s3"
+    """Kubernetes Secret holding store-uri (s3://bucket/prefix) and optional access-key-id / secret-access-key."""
+    overlays: dict[str, dict[str, Any]] = Field(default_factory=_default_overlays)
+    """Kustomize overlays: name -> partial fleet config merged over this one (null removes a key)."""
+
+    @field_validator("name", "namespace")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not _DNS_LABEL.match(value):
+            raise ValueError(
+                f"{value!r} is not a DNS label (lowercase letters, digits, '-', at most 40 chars)"
+            )
+        return value
+
+    @field_validator("node_types", "overlays")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if not _DNS_LABEL.match(key) or key == "head":
+                raise ValueError(f"name {key!r} must be a DNS label other than 'head'")
+        return value
+
+    @field_validator("cron_schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        fields = value.split()
+        if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+            raise ValueError(f"{value!r} is not a 5-field cron schedule (minute hour day month weekday)")
+        return value
+
+
 class FleetConfig(_Section):
     """The whole configuration of one fleet."""
 
@@ -302,6 +495,8 @@ class FleetConfig(_Section):
     """The Ray cluster."""
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     """Tune sweeps over learning schedules."""
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+    """Deployment: Ray cluster launcher (cluster.yaml) and Kubernetes (k8s/), rendered by fleet.deploy."""
 
     @field_validator("tiers")
     @classmethod
