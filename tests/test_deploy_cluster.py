@@ -126,8 +126,11 @@ def test_package_source_as_requirement_or_wheel():
     validate_config(launcher)
 
 
-def test_cli_writes_and_prints_cluster_yaml(tmp_path, capsys):
+def test_cli_writes_and_prints_cluster_yaml(tmp_path, capsys, monkeypatch):
     from fleet.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the built-in config, not a fleet.yaml lying around
+    monkeypatch.delenv("FLEET_CONFIG", raising=False)
 
     out = tmp_path / "cluster.yaml"
     assert main(["cluster-yaml", "--out", str(out)]) == 0

