@@ -176,9 +176,13 @@ class TrainConfig(_Section):
 
 class SliceSpec(_Section):
     profile: str
-    """Slice type: full, frac-0.5, mig-1g.10gb …, or cpu."""
+    """Slice type: a GPU (h100-80gb, a100-80gb, a10g, …) or full, frac-<f> (0<f<1), a MIG profile (1g.10gb …), or cpu; '<gpu>:<profile>' also works."""
     count: int = Field(1, ge=0)
     """How many slices of this type the cluster has."""
+    gpu: str | None = None
+    """Card of full, frac-<f> and MIG profiles (empty: implied by the profile; bare 80 GB MIG profiles mean a100-80gb)."""
+    node: str | None = None
+    """Node the slices are on (a placement hint in the plan; empty: any)."""
     memory_gb: float | None = Field(None, gt=0)
     """Memory per slice (empty: the profile's known value)."""
     speed: float | None = Field(None, gt=0)
@@ -200,6 +204,16 @@ class SchedulerConfig(_Section):
     """Most members one pack may hold."""
     tokens_per_gpu_s: float = Field(20_000.0, gt=0)
     """Training throughput of a full slice (speed 1.0), tokens per second, for budgets."""
+    pack_overhead_s: float = Field(15.0, ge=0)
+    """Start-up cost of one pack's training run (Ray Train), charged to the slice, not to companies."""
+    min_member_tokens: int = Field(512, ge=1)
+    """Smallest budget a member is given when budgets are cut to fit a slice."""
+    max_member_tokens: int | None = Field(None, ge=1)
+    """Most tokens one model trains per cycle (empty: an eighth of a full GPU's cycle); larger backlogs take several cycles."""
+    borrow_idle: bool = True
+    """Lend capacity that in-budget demand leaves idle to companies beyond their budget."""
+    age_weight: float = Field(1.0, ge=0)
+    """Weight of pending data's age against the fair-share factor (0: fair share alone)."""
     inventory: list[SliceSpec] = Field(default_factory=list)
     """Slices to plan over. Empty: read from the Ray cluster (CPU slices stand in without GPUs)."""
 

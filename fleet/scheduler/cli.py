@@ -2,30 +2,125 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Any
+
 import typer
 
 from fleet import _cli_common as common
 
+SIM_POLICIES = ("fleet", "fifo", "round-robin")
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def schedule(json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON.")) -> None:
+    def schedule(json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON (for `fleet train --pack-file`).")) -> None:
         """Plan which models train next and pack them onto slices."""
-        common.not_built("fleet schedule")
+        from fleet.scheduler.demand import load_demand
+
+        cfg = common.config()
+        demand = load_demand(cfg)  # before touching Ray: without demand there is nothing to plan
+        plan_and_show(cfg, demand, json_out=json_out)
 
     @app.command()
     def cycle() -> None:
         """Schedule, train the packs, record usage: one cycle."""
-        common.not_built("fleet cycle")
+        from fleet.errors import NotBuiltError
+
+        raise NotBuiltError(
+            "fleet cycle needs the packed-training entry point (`fleet train --pack-file`) to launch the packs, "
+            "and it is not built yet; `fleet schedule --json` prints the plan a cycle would launch"
+        )
 
     @app.command()
     def simulate(
-        models: int = typer.Option(10_000, "--models"),
-        slices: int = typer.Option(64, "--slices"),
-        hours: float = typer.Option(24.0, "--hours"),
-        policy: str = typer.Option("fleet", "--policy", help="fleet, fifo or round-robin."),
-        json_out: bool = typer.Option(False, "--json"),
-        plot: str = typer.Option(None, "--plot", help="Write a PNG of freshness and utilization."),
+        models: int = typer.Option(100_000, "--models", min=2, help="Models in the synthetic fleet."),
+        slices: int = typer.Option(32, "--slices", min=1, help="Slices in the synthetic (mixed MIG/full) inventory."),
+        hours: float = typer.Option(24.0, "--hours", min=0.01, help="Simulated hours."),
+        policy: str = typer.Option("all", "--policy", help="fleet, fifo, round-robin, or all (fleet and both baselines)."),
+        load: float = typer.Option(1.3, "--load", min=0.01, help="Offered load: arriving tokens over training capacity."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the synthetic fleet and its data arrival."),
+        json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+        plot: str = typer.Option(None, "--plot", help="Write a PNG of freshness and utilization over time."),
     ) -> None:
         """Replay the scheduling policy over a synthetic fleet."""
-        common.not_built("fleet simulate")
+        run_simulation(models=models, slices=slices, hours=hours, policy=policy, load=load, seed=seed,
+                       json_out=json_out, plot=plot)
+
+
+def plan_and_show(cfg: Any, demand: Any, *, json_out: bool, inventory: Any = None, now: float | None = None) -> Any:
+    """Plan ``demand`` with the configured policy and print it (a table, or JSON)."""
+    from fleet.scheduler.policy import PolicyConfig, plan
+
+    inventory = inventory if inventory is not None else inventory_for(cfg)
+    result = plan(demand, inventory, PolicyConfig.from_fleet_config(cfg, bases=base_specs(cfg, demand.base_names)),
+                  time.time() if now is None else now)
+    show_plan(result, demand, json_out=json_out)
+    return result
+
+
+def show_plan(result: Any, demand: Any = None, *, json_out: bool) -> None:
+    if json_out:
+        common.print_json(result.to_dict())
+        return
+    from fleet.scheduler.render import print_plan
+
+    print_plan(result, demand, common.console)
+
+
+def inventory_for(cfg: Any) -> Any:
+    """The configured slices, or (none configured) the live Ray cluster's."""
+    from fleet.scheduler.inventory import Inventory
+
+    if cfg.scheduler.inventory:
+        return Inventory.from_config(cfg)
+    from fleet.scheduler.ray_inventory import live_inventory
+
+    return live_inventory(cfg)
+
+
+def base_specs(cfg: Any, names: Any) -> dict[str, Any]:
+    """Memory footprints of the bases named in the demand: the configured base from its
+    ``config.json`` when it is on disk, otherwise the shape of fleet's tiny base."""
+    from fleet.scheduler.memory import BaseSpec
+
+    specs = {}
+    hf = Path(cfg.base_path) / "config.json"
+    for name in names:
+        if name in (cfg.base.name, "default") and hf.exists():
+            specs[name] = BaseSpec.from_hf_config(name, json.loads(hf.read_text()), cfg.lora.target_modules)
+        else:
+            specs[name] = BaseSpec.preset("tiny", name)
+    return specs
+
+
+def run_simulation(*, models: int, slices: int, hours: float, policy: str, load: float, seed: int,
+                   json_out: bool, plot: str | None) -> list[Any]:
+    from fleet.errors import ValidationError
+    from fleet.scheduler.policy import PolicyConfig
+    from fleet.scheduler.simulate import SimConfig, plot_reports, simulate
+
+    names = list(SIM_POLICIES) if policy == "all" else [policy]
+    unknown = [n for n in names if n not in SIM_POLICIES]
+    if unknown:
+        raise ValidationError(f"unknown policy {unknown[0]!r}; use one of {', '.join(SIM_POLICIES)} or all")
+    cfg = common.config()
+    sim = SimConfig(models=models, slices=slices, hours=hours, load=load, seed=seed,
+                    policy=PolicyConfig.from_fleet_config(cfg))
+    reports = []
+    for name in names:
+        with common.err_console.status(f"simulating {name} …"):
+            reports.append(simulate(sim, name))
+    if plot:
+        plot_reports(reports, plot)
+    if json_out:
+        common.print_json({"reports": [r.to_dict() for r in reports], "plot": plot})
+    else:
+        from fleet.scheduler.render import sim_table
+
+        common.console.print(sim_table(reports))
+        if plot:
+            common.console.print(f"plot written to {plot}")
+    return reports
