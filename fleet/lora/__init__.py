@@ -1,1 +1,87 @@
-"""fleet.lora"""
+"""fleet.lora: the multi-adapter LoRA engine.
+
+Many LoRA adapters live in one base model at once (slot pools in every adapted ``nn.Linear``),
+and every row of a batch can use its own stack of up to three of them (company, team,
+individual). Training, serving and divergence scoring all run through this API::
+
+    engine = LoraEngine(model, target_modules=DEFAULT_TARGET_MODULES, max_slots=64, max_rank=16)
+    s = engine.load("acme/search@v3", AdapterWeights.from_peft_dir(path))
+    with engine.rows(torch.tensor([[c, t, s], [c, -1, -1]])):   # [B, L] slots, -1 = none
+        logits = engine.model(input_ids).logits                    # row b uses its own stack
+
+    outs = generate(engine, tokenizer, ["Hello"], [[c, t, s]], max_new_tokens=32)
+
+Contract (stable):
+
+- ``AdapterWeights``: one LoRA in PEFT's format (``rank``, ``alpha``, ``use_rslora``,
+  ``target_modules``, ``tensors`` in PEFT names, optional ``base_model_name_or_path``);
+  ``scale``; ``from_peft_dir``/``to_peft_dir``; ``from_bytes``/``to_bytes`` (the two files of
+  PEFT's directory); ``fresh(model, rank=, alpha=, target_modules=, use_rslora=, seed=)``;
+  ``stack(levels)`` (one LoRA of rank Σrᵢ equal to the sum); ``modules()``. Refuses what the
+  engine does not compute with ``UnsupportedAdapterError``.
+- ``LoraEngine(model, *, target_modules, max_slots, max_rank, dtype=None)``: ``model``,
+  ``load(key, weights, *, trainable=False) -> slot``, ``unload(key)``, ``slot(key)``,
+  ``keys()``, ``free_slots``, ``capacity``, ``set_trainable(key, flag)``, ``is_trainable(key)``,
+  ``rank(key)``, ``adapted_modules(key)``, ``export(key)``, ``rows(slots_BL)`` (context),
+  ``plan(slots_BL)`` (a reusable, validated row plan ``rows()`` also accepts), ``layers``,
+  ``device``, ``version`` (bumped by every load/unload/trainability change).
+  Errors: ``CapacityError`` (no free slot, rank > max_rank), ``NotFoundError`` (unknown key),
+  ``UnsupportedAdapterError`` (adapter does not fit this base), ``ValidationError`` (bad slots).
+- ``SlotAdamW(engine, keys, *, betas, eps, weight_decay)``: ``set_lr``, ``grad_norms``,
+  ``clip_``, ``step(keys=None)``, ``zero_grad``, ``state_dict``, ``load_state_dict``.
+- ``generate(engine, tokenizer, prompts, slots_BL, *, max_new_tokens, temperature=0.0,
+  top_p=1.0, stop=None, seed=None, eos_token_id=None) -> list[Generation]``.
+- ``prompt_logprobs(engine, prompts, slots_BL, *, top_k) -> list[list[dict]]``.
+- ``DecodeBatch(engine, tokenizer=None, *, eos_token_id=None)``: ``add(request_id, prompt_ids,
+  slots_L, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, seed=None)``, ``add_many``,
+  ``step() -> list[StepOutput]`` (``request_id, token_id, finished, finish_reason``),
+  ``cancel(request_id)``, ``active``, ``results`` (request id → ``Generation``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# Names resolve lazily (PEP 562): `fleet.lora.cli` lives in this package, and `fleet --help`
+# must not pay for importing torch and transformers.
+_EXPORTS = {
+    "DEFAULT_TARGET_MODULES": "fleet.lora.adapter",
+    "AdapterWeights": "fleet.lora.adapter",
+    "LoraEngine": "fleet.lora.engine",
+    "SlotAdamW": "fleet.lora.optim",
+    "DecodeBatch": "fleet.lora.generate",
+    "Generation": "fleet.lora.generate",
+    "StepOutput": "fleet.lora.generate",
+    "generate": "fleet.lora.generate",
+    "prompt_logprobs": "fleet.lora.generate",
+}
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "AdapterWeights",
+    "DecodeBatch",
+    "Generation",
+    "LoraEngine",
+    "SlotAdamW",
+    "StepOutput",
+    "generate",
+    "prompt_logprobs",
+]
+
+if TYPE_CHECKING:
+    from fleet.lora.adapter import DEFAULT_TARGET_MODULES, AdapterWeights
+    from fleet.lora.engine import LoraEngine
+    from fleet.lora.generate import DecodeBatch, Generation, StepOutput, generate, prompt_logprobs
+    from fleet.lora.optim import SlotAdamW
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fleet.lora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,347 @@
+"""Generation through the engine: mixed-adapter batches, continuous batching, prompt log-probs.
+
+``DecodeBatch`` is the serving loop's unit: requests for different adapters join at step
+boundaries (their prompts are prefilled and their keys/values copied into the shared cache)
+and leave when finished, while the other rows keep decoding undisturbed. ``generate`` is a
+``DecodeBatch`` run to completion. Each row samples from its own ``torch.Generator``, so a
+seeded request draws the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from fleet.errors import ValidationError
+from fleet.lora._layer import RowPlan
+from fleet.lora._llama import KVCache, check_supported, decode_step, prefill
+from fleet.lora.engine import LoraEngine
+
+MAX_LEVELS = 3
+
+
+@dataclass
+class Generation:
+    """A finished completion. ``token_ids`` excludes a final EOS; ``text`` excludes a matched stop string."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) | "length" (max_new_tokens)
+
+
+class StepOutput(NamedTuple):
+    request_id: Any
+    token_id: int
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class _Row:
+    request_id: Any
+    slots: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    generator: torch.Generator | None
+    pending: int = -1  # sampled, reported by the next step(), not yet in the cache
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+
+
+class DecodeBatch:
+    """Continuous batching over one engine: ``add`` requests any time, ``step`` until ``active`` is 0.
+
+    Each ``step()`` reports one token per active row (the one sampled by the previous step or by
+    ``add``), retires rows that finished, and runs one decode forward for the rest. Finished
+    completions wait in ``results`` (request id → ``Generation``) for the caller to pop. The token
+    that finishes a row by EOS is reported with ``finish_reason="stop"`` but is not part of the
+    completion. Slots are read at every step: do not unload an adapter a live request uses.
+    """
+
+    def __init__(
+        self, engine: LoraEngine, tokenizer: Any = None, *, eos_token_id: int | Sequence[int] | None = None
+    ):
+        check_supported(engine.model)
+        self.engine = engine
+        self.tokenizer = tokenizer
+        if eos_token_id is None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        if eos_token_id is None:
+            eos_token_id = getattr(engine.model.config, "eos_token_id", None)
+        self.eos_ids = (
+            set()
+            if eos_token_id is None
+            else set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
+        )
+        config = engine.model.config
+        self.max_positions = getattr(config, "max_position_embeddings", None)
+        weight = engine.model.get_input_embeddings().weight
+        self._cache = KVCache(engine.model, dtype=weight.dtype, device=weight.device)
+        self._rows: list[_Row] = []
+        self._ids: set[Any] = set()
+        self.results: dict[Any, Generation] = {}
+        self._plan: RowPlan | None = None
+        self._plan_key: tuple[int, int] | None = None
+        self._rows_version = 0
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    def add(
+        self,
+        request_id: Any,
+        prompt_ids: Sequence[int],
+        slots_L: Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Prefill one request and make it part of the next ``step()``."""
+        self.add_many([(request_id, prompt_ids, slots_L, max_new_tokens, temperature, top_p, stop, seed)])
+
+    def add_many(self, requests: Sequence[tuple]) -> None:
+        """Prefill several requests in one batched forward; each tuple holds ``add``'s arguments in order."""
+        rows, prompts = [], []
+        for req in requests:
+            request_id, prompt_ids, slots_L, max_new_tokens, *rest = req
+            temperature, top_p, stop, seed = (list(rest) + [0.0, 1.0, None, None][len(rest) :])[:4]
+            prompt = [int(t) for t in prompt_ids]
+            self._validate(request_id, prompt, slots_L, max_new_tokens, temperature, top_p, stop)
+            generator = None
+            if temperature > 0:
+                generator = torch.Generator()
+                generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            slots = [int(s) for s in slots_L] + [-1] * (MAX_LEVELS - len(slots_L))
+            rows.append(
+                _Row(
+                    request_id,
+                    slots,
+                    int(max_new_tokens),
+                    float(temperature),
+                    float(top_p),
+                    list(stop or []),
+                    generator,
+                )
+            )
+            prompts.append(prompt)
+            self._ids.add(request_id)
+        if not rows:
+            return
+        device = self.engine.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        t = int(lengths.max())
+        ids = torch.zeros(len(prompts), t, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            ids[b, : len(p)] = torch.tensor(p, device=device)
+        need = max(len(p) + r.max_new_tokens for p, r in zip(prompts, rows, strict=True))
+        self._cache.ensure(self._cache.n + len(rows), need)
+        with torch.inference_mode(), self.engine.rows([r.slots for r in rows]):
+            logits = prefill(self.engine.model, ids, lengths, self._cache)
+        for row, token in zip(rows, _sample(logits, rows), strict=True):
+            row.pending = token
+        self._rows.extend(rows)
+        self._rows_version += 1
+
+    def cancel(self, request_id: Any) -> None:
+        """Drop a request without a result (a client went away)."""
+        for i, row in enumerate(self._rows):
+            if row.request_id == request_id:
+                self._remove(i)
+                return
+
+    def step(self) -> list[StepOutput]:
+        out: list[StepOutput] = []
+        done: list[int] = []
+        for i, row in enumerate(self._rows):
+            reason = self._advance(row)
+            out.append(StepOutput(row.request_id, row.pending, reason is not None, reason))
+            if reason is not None:
+                self.results[row.request_id] = Generation(list(row.out_ids), row.text, reason)
+                done.append(i)
+        for i in reversed(done):  # swap-remove from the back keeps earlier indices valid
+            self._remove(i)
+        if self._rows:
+            tokens = torch.tensor([r.pending for r in self._rows], device=self.engine.device)
+            with torch.inference_mode(), self.engine.rows(self._current_plan()):
+                logits = decode_step(self.engine.model, tokens, self._cache)
+            for row, token in zip(self._rows, _sample(logits, self._rows), strict=True):
+                row.pending = token
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _advance(self, row: _Row) -> str | None:
+        """Take the pending token into the completion; return the finish reason if the row is done."""
+        token = row.pending
+        if token in self.eos_ids:
+            return "stop"
+        row.out_ids.append(token)
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(row.out_ids)
+            if row.stop:
+                # A stop string may straddle tokens: search from just before the previously seen text.
+                start = max(0, len(row.text) - max(len(s) for s in row.stop))
+                hits = [i for i in (text.find(s, start) for s in row.stop) if i >= 0]
+                if hits:
+                    row.text = text[: min(hits)]
+                    return "stop"
+            row.text = text
+        if len(row.out_ids) >= row.max_new_tokens:
+            return "length"
+        return None
+
+    def _remove(self, i: int) -> None:
+        last = len(self._rows) - 1
+        self._cache.remove(i)
+        self._ids.discard(self._rows[i].request_id)
+        self._rows[i] = self._rows[last]
+        self._rows.pop()
+        self._rows_version += 1
+
+    def _current_plan(self) -> RowPlan:
+        key = (self.engine.version, self._rows_version)
+        if self._plan is None or self._plan_key != key:
+            self._plan = self.engine.plan([r.slots for r in self._rows])
+            self._plan_key = key
+        return self._plan
+
+    def _validate(self, request_id, prompt, slots_L, max_new_tokens, temperature, top_p, stop) -> None:
+        if request_id in self._ids:
+            raise ValidationError(f"request {request_id!r} is already in this batch")
+        if not prompt:
+            raise ValidationError("a prompt needs at least one token")
+        if not 1 <= len(slots_L) <= MAX_LEVELS:
+            raise ValidationError(
+                f"slots_L lists 1 to {MAX_LEVELS} slots (company, team, individual), got {list(slots_L)}"
+            )
+        if max_new_tokens < 1:
+            raise ValidationError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValidationError(f"need temperature ≥ 0 and 0 < top_p ≤ 1 (got {temperature}, {top_p})")
+        if stop and self.tokenizer is None:
+            raise ValidationError("stop strings need a tokenizer to turn tokens into text")
+        if stop and any(not s for s in stop):
+            raise ValidationError("stop strings must be non-empty")
+        if self.max_positions and len(prompt) + max_new_tokens > self.max_positions:
+            raise ValidationError(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the base model's "
+                f"context of {self.max_positions} tokens"
+            )
+
+
+def _sample(logits_BV: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
+    """Greedy rows take the argmax; the others sample from temperature/top-p with their own generator."""
+    logits_BV = logits_BV.float()
+    tokens = logits_BV.argmax(-1)
+    sampled = [i for i, r in enumerate(rows) if r.temperature > 0]
+    if sampled:
+        idx = torch.tensor(sampled, device=logits_BV.device)
+        temps = torch.tensor([rows[i].temperature for i in sampled], device=logits_BV.device)
+        top_p = torch.tensor([rows[i].top_p for i in sampled], device=logits_BV.device)
+        probs = torch.softmax(logits_BV[idx] / temps[:, None], dim=-1)
+        p_sorted, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+        p_sorted = p_sorted * ((p_sorted.cumsum(-1) - p_sorted) < top_p[:, None])
+        cum = p_sorted.cumsum(-1)
+        # One uniform per row from the row's own generator: draws do not depend on the batch.
+        u = torch.tensor(
+            [float(torch.rand((), generator=rows[i].generator)) for i in sampled], device=cum.device
+        )
+        choice = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True).clamp_(max=cum.shape[1] - 1)
+        tokens[idx] = order.gather(1, choice)[:, 0]
+    return tokens.tolist()
+
+
+def _encode(tokenizer: Any, prompts: Sequence) -> list[list[int]]:
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValidationError("text prompts need a tokenizer")
+            p = tokenizer.encode(p)
+        out.append([int(t) for t in p])
+    return out
+
+
+def _slot_rows(slots_BL: Any, n: int) -> list[list[int]]:
+    s = torch.as_tensor(slots_BL, dtype=torch.long).to("cpu")
+    if s.dim() == 1:
+        s = s[:, None]
+    if s.shape[0] != n:
+        raise ValidationError(f"{n} prompts but {s.shape[0]} rows of slots")
+    return s.tolist()
+
+
+def generate(
+    engine: LoraEngine,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]] | Sequence[str],
+    slots_BL: Any,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> list[Generation]:
+    """Complete every prompt with its row's adapter stack; row i samples with seed ``seed + i``."""
+    ids = _encode(tokenizer, prompts)
+    slots = _slot_rows(slots_BL, len(ids))
+    batch = DecodeBatch(engine, tokenizer, eos_token_id=eos_token_id)
+    batch.add_many([
+        (i, p, s, max_new_tokens, temperature, top_p, stop, None if seed is None else seed + i)
+        for i, (p, s) in enumerate(zip(ids, slots, strict=True))
+    ])  # fmt: skip
+    while batch.active:
+        batch.step()
+    return [batch.results.pop(i) for i in range(len(ids))]
+
+
+def prompt_logprobs(
+    engine: LoraEngine, prompts: Sequence[Sequence[int]], slots_BL: Any, *, top_k: int
+) -> list[list[dict]]:
+    """Per prompt token: ``{"token_id", "logprob" (None for the first), "top": [{"token_id", "logprob"}]}``.
+
+    ``top`` holds the ``top_k`` most likely tokens at that position (empty for the first token).
+    """
+    check_supported(engine.model)
+    ids = _encode(None, prompts)
+    slots = _slot_rows(slots_BL, len(ids))
+    if any(not p for p in ids):
+        raise ValidationError("a prompt needs at least one token")
+    if top_k < 0:
+        raise ValidationError(f"top_k must be ≥ 0, got {top_k}")
+    device = engine.device
+    lengths = torch.tensor([len(p) for p in ids], device=device)
+    t = int(lengths.max())
+    ids_BT = torch.zeros(len(ids), t, dtype=torch.long, device=device)
+    for b, p in enumerate(ids):
+        ids_BT[b, : len(p)] = torch.tensor(p, device=device)
+    with torch.inference_mode(), engine.rows(slots):
+        logits = prefill(engine.model, ids_BT, lengths, None, all_logits=True)
+        logp_BTV = torch.log_softmax(logits.float(), dim=-1)
+        # Position t-1 predicts token t.
+        chosen_BT = logp_BTV[:, :-1].gather(2, ids_BT[:, 1:, None])[..., 0]
+        k = min(top_k, logp_BTV.shape[-1])
+        top_val, top_idx = logp_BTV[:, :-1].topk(k, dim=-1) if k else (None, None)
+    out = []
+    chosen, tv, ti = chosen_BT.tolist(), (top_val.tolist() if k else None), (top_idx.tolist() if k else None)
+    for b, p in enumerate(ids):
+        entries = [{"token_id": p[0], "logprob": None, "top": []}]
+        for j in range(1, len(p)):
+            top = (
+                [{"token_id": i, "logprob": v} for i, v in zip(ti[b][j - 1], tv[b][j - 1], strict=True)]
+                if k
+                else []
+            )
+            entries.append({"token_id": p[j], "logprob": chosen[b][j - 1], "top": top})
+        out.append(entries)
+    return out
