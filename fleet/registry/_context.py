@@ -91,35 +91,40 @@ class ContextMixin(RegistryCore):
         return counts
 
     def training_snapshot(
-        self, model_ids: Sequence[str], *, replay_fraction: float | dict[str, float] = 0.0, seed: int = 0
+        self,
+        model_ids: Sequence[str],
+        *,
+        replay_fraction: float | dict[str, float] = 0.0,
+        seed: int = 0,
+        pins: dict[str, tuple[int, int]] | None = None,
     ) -> dict[str, TrainingSnapshot]:
         """Each member's items after its watermark plus a replayed sample of older ones.
 
         ``snapshot_max_id`` is what a version trained on this snapshot records as its watermark.
+        With ``pins`` (model id → (watermark, upto)), the snapshot is re-read exactly as it was
+        first taken: items with ``watermark < id <= upto`` are new, and the replay sample is the
+        same, so a restarted training worker sees the same data.
         """
         out: dict[str, TrainingSnapshot] = {}
         with self.read() as conn:
             models = {r.id: r for r in self.lock_models(conn, model_ids, shared=True)}
             for mid in sorted(models):
-                wm = int(models[mid].watermark or 0)
-                rows = conn.execute(
-                    select(ITEMS.c.id, ITEMS.c.text).where(ITEMS.c.model_id == mid).order_by(ITEMS.c.id)
-                ).all()
+                wm, upto = pins[mid] if pins else (int(models[mid].watermark or 0), None)
+                stmt = select(ITEMS.c.id, ITEMS.c.text).where(ITEMS.c.model_id == mid).order_by(ITEMS.c.id)
+                if upto is not None:
+                    stmt = stmt.where(ITEMS.c.id <= upto)
+                rows = conn.execute(stmt).all()
                 new = [(r.id, r.text) for r in rows if r.id > wm]
                 old = [(r.id, r.text) for r in rows if r.id <= wm]
                 frac = replay_fraction.get(mid, 0.0) if isinstance(replay_fraction, dict) else replay_fraction
                 # Replay enough old items that they make up `frac` of the training data.
-                want = (
-                    int(round(len(new) * frac / (1 - frac)))
-                    if 0 < frac < 1
-                    else (len(old) if frac >= 1 else 0)
-                )
+                want = int(round(len(new) * frac / (1 - frac))) if 0 < frac < 1 else (len(old) if frac >= 1 else 0)
                 if old and want:
                     rng = random.Random(f"{seed}:{mid}:{wm}")
                     old = sorted(rng.sample(old, min(want, len(old))))
                 else:
                     old = []
-                top = rows[-1].id if rows else wm
+                top = upto if upto is not None else (rows[-1].id if rows else wm)
                 out[mid] = TrainingSnapshot(mid, wm, max(top, wm), new, old)
         return out
 

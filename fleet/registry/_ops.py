@@ -57,7 +57,18 @@ class OpsMixin(RegistryCore):
         cycle_id: int | None = None,
         slice_profile: str | None = None,
     ) -> int:
+        """The run of this name (created, or reopened when a run of the same name is resumed).
+
+        Run names are unique (``pack-<cycle>-<n>``): a resumed run keeps its id, which is what
+        makes its publication idempotent.
+        """
         with self.tx() as conn:
+            existing = conn.scalar(select(RUNS.c.id).where(RUNS.c.name == name).order_by(RUNS.c.id).limit(1))
+            if existing is not None:
+                conn.execute(
+                    update(RUNS).where(RUNS.c.id == existing).values(status=RunStatus.RUNNING.value, error=None)
+                )
+                return int(existing)
             res = conn.execute(
                 RUNS.insert().values(
                     name=name,

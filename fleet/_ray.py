@@ -1,0 +1,51 @@
+"""Joining or starting Ray for fleet's commands."""
+
+from __future__ import annotations
+
+import os
+
+from fleet.config import FleetConfig
+from fleet.errors import UnavailableError
+
+
+def ensure_ray(cfg: FleetConfig, *, log_to_driver: bool = False, dashboard: bool = True) -> str | None:
+    """Connect to ``ray.address`` or start a local Ray; returns the dashboard URL when there is one.
+
+    A local Ray picks free ports itself (6379 may belong to a Redis server on the machine).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return _dashboard_url()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    env = {k: os.environ[k] for k in ("FLEET_CONFIG", "FLEET_DB_URL", "FLEET_STORE_URI", "FLEET_DATA_DIR",
+                                      "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+           if k in os.environ}
+    env.update({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_V2_ENABLED": "1"})
+    kwargs = dict(namespace=cfg.ray.namespace, log_to_driver=log_to_driver, runtime_env={"env_vars": env})
+    try:
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, **kwargs)
+        else:
+            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=dashboard, **kwargs)
+    except ConnectionError as exc:
+        raise UnavailableError(f"cannot reach the Ray cluster at {cfg.ray.address}: {exc}") from None
+    return _dashboard_url()
+
+
+def _dashboard_url() -> str | None:
+    import ray
+
+    try:
+        url = ray.get_runtime_context().get_dashboard_url() if hasattr(ray.get_runtime_context(), "get_dashboard_url") else None
+    except Exception:
+        url = None
+    if not url:
+        try:
+            url = ray.worker.get_dashboard_url()
+        except Exception:
+            url = None
+    if url and not url.startswith("http"):
+        url = f"http://{url}"
+    return url

@@ -1,0 +1,246 @@
+"""Launching packs: one Ray Train run per pack, several at once, then gated publication.
+
+Each pack's run is named ``pack-<cycle>-<n>`` (readable in the dashboard's Train view), asks
+for its slice's resources per worker, checkpoints to ``train.storage_path`` and restarts
+from its last checkpoint after a failure (``FailureConfig``). Re-running a run of the same
+name resumes it; a member already published by that run is never published again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fleet.errors import FleetError
+from fleet.registry import PublishRequest
+from fleet.train.loop import RESULT_FILE, STATE_FILE, train_pack_loop
+from fleet.train.pack import MemberSpec, PackSpec
+from fleet.types import AdapterState, RunStatus
+
+# A gate sees a member, its tier, its run metrics and its trained adapter; says yes or why not.
+Gate = Callable[[MemberSpec, dict[str, Any], Any], tuple[bool, str]]
+
+
+@dataclass
+class MemberOutcome:
+    model_id: str
+    tier: str
+    published: bool
+    version: int | None
+    reason: str
+    metrics: dict[str, Any]
+
+
+@dataclass
+class PackOutcome:
+    name: str
+    run_id: int
+    status: RunStatus
+    seconds: float
+    steps: int = 0
+    members: list[MemberOutcome] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def published(self) -> int:
+        return sum(m.published for m in self.members)
+
+    @property
+    def rejected(self) -> int:
+        return sum(not m.published for m in self.members)
+
+
+def heldout_gate(min_improvement: float) -> Gate:
+    """Publish only when the held-out loss fell by more than ``min_improvement`` nats."""
+
+    def gate(member: MemberSpec, metrics: dict[str, Any], _adapter) -> tuple[bool, str]:
+        before, after = metrics["heldout_before"], metrics["heldout_after"]
+        if not (after == after) or not math.isfinite(after):
+            return False, f"held-out loss is {after} (diverged)"
+        if after < before - min_improvement:
+            return True, f"held-out loss {before:.3f} → {after:.3f}"
+        return False, f"held-out loss did not improve ({before:.3f} → {after:.3f})"
+
+    return gate
+
+
+def _progress_board():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        """Where training workers post their progress (the driver's display, and tests, read it)."""
+
+        def __init__(self) -> None:
+            self.state: dict[str, dict] = {}
+
+        def update(self, name: str, data: dict) -> None:
+            self.state[name] = {**self.state.get(name, {}), **data}
+
+        def get(self, name: str) -> dict:
+            return self.state.get(name, {})
+
+        def all(self) -> dict[str, dict]:
+            return dict(self.state)
+
+    return ProgressBoard
+
+
+def _fit(pack: dict, cfg: dict, progress, storage_path: str, storage_fs, resources: dict, use_gpu: bool,
+         max_failures: int) -> dict:
+    """Runs one TorchTrainer to completion (inside a Ray task) and returns its final outputs."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_pack_loop,
+        train_loop_config={"pack": pack, "cfg": cfg, "progress": progress},
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=pack["name"],
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as d:
+        out = json.loads((Path(d) / RESULT_FILE).read_text())
+        import torch
+
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    out["adapters"] = state["adapters"]
+    return out
+
+
+def _storage(cfg) -> tuple[str, Any]:
+    """Ray Train's storage path and filesystem: a local path, or S3 with the store's endpoint."""
+    path = cfg.runs_path
+    if path.startswith("s3://") and cfg.store.endpoint_url:
+        from urllib.parse import urlparse
+
+        import pyarrow.fs
+
+        ep = urlparse(cfg.store.endpoint_url)
+        fs = pyarrow.fs.S3FileSystem(endpoint_override=ep.netloc, scheme=ep.scheme or "https", region=cfg.store.region)
+        return path[len("s3://"):], fs
+    if "://" not in path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    return path, None
+
+
+def resources_of(pack: PackSpec, cfg) -> tuple[dict[str, float], bool]:
+    """What the pack's worker asks for: its slice's resources, or CPUs where no slice is named."""
+    res = dict(pack.resources) or {"CPU": cfg.train.cpus_per_worker}
+    use_gpu = res.get("GPU", 0) > 0
+    return res, use_gpu
+
+
+def run_packs(
+    fl,
+    packs: Sequence[PackSpec],
+    *,
+    gates: Sequence[Gate] = (),
+    console=None,
+    on_progress: Callable[[dict[str, dict]], None] | None = None,
+    poll_s: float = 0.5,
+) -> list[PackOutcome]:
+    """Train every pack (concurrently), then publish each member that passes every gate."""
+    import ray
+
+    from fleet._ray import ensure_ray
+
+    cfg = fl.cfg
+    ensure_ray(cfg)
+    board = _progress_board().remote()
+    storage_path, storage_fs = _storage(cfg)
+    fit = ray.remote(num_cpus=0, max_retries=0)(_fit)
+    gates = [heldout_gate(cfg.train.min_heldout_improvement), *gates]
+    running: dict[Any, tuple[PackSpec, int, float]] = {}
+    for pack in packs:
+        run_id = fl.registry.create_run(
+            pack.name, base_model=pack.base_model, members=[m.model_id for m in pack.members],
+            cycle_id=pack.cycle_id, slice_profile=pack.slice_profile,
+        )
+        res, use_gpu = resources_of(pack, cfg)
+        ref = fit.remote(pack.to_dict(), cfg.model_dump(mode="json"), board, storage_path, storage_fs, res, use_gpu,
+                         cfg.train.max_failures)
+        running[ref] = (pack, run_id, time.time())
+    outcomes: list[PackOutcome] = []
+    pending = list(running)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=poll_s)
+        if on_progress is not None:
+            on_progress(ray.get(board.all.remote()))
+        for ref in done:
+            pack, run_id, t0 = running[ref]
+            try:
+                out = ray.get(ref)
+            except Exception as exc:  # the run failed beyond its retries: nothing is published
+                err = _describe(exc)
+                fl.registry.finish_run(run_id, RunStatus.FAILED, error=err)
+                outcomes.append(PackOutcome(pack.name, run_id, RunStatus.FAILED, time.time() - t0, error=err))
+                continue
+            outcome = publish(fl, pack, run_id, out, gates)
+            outcome.seconds = time.time() - t0
+            fl.registry.finish_run(run_id, RunStatus.SUCCEEDED, metrics={
+                **out["metrics"], "published": outcome.published, "rejected": outcome.rejected,
+                "seconds": outcome.seconds,
+            })
+            outcomes.append(outcome)
+    order = {p.name: i for i, p in enumerate(packs)}
+    return sorted(outcomes, key=lambda o: order[o.name])
+
+
+def publish(fl, pack: PackSpec, run_id: int, out: dict[str, Any], gates: Sequence[Gate]) -> PackOutcome:
+    """Gate every member; publish the passing ones as active and record the rest as rejected,
+    all in one registry transaction (idempotent per run)."""
+    from fleet.lora import AdapterWeights
+
+    requests, members = [], []
+    for m in pack.members:
+        metrics = out["members"][m.model_id]
+        config_b, weights_b = out["adapters"][m.model_id]
+        adapter = AdapterWeights.from_bytes(config_b, weights_b)
+        ok, reasons = True, []
+        for gate in gates:
+            passed, why = gate(m, metrics, adapter)
+            reasons.append(why)
+            if not passed:
+                ok = False
+                break
+        reason = "; ".join(reasons)
+        staged = fl.store.stage(m.model_id, config_b, weights_b)
+        requests.append(PublishRequest(
+            model_id=m.model_id, staged=staged, rank=m.rank, alpha=m.alpha, base_model=pack.base_model,
+            state=AdapterState.ACTIVE if ok else AdapterState.REJECTED,
+            parents=[a.key for a in m.ancestors], watermark=m.upto if ok else m.watermark,
+            metrics=metrics, reason=None if ok else reason, run_id=run_id,
+        ))
+        members.append(MemberOutcome(m.model_id, m.tier, ok, None, reason, metrics))
+    published = {v.model_id: v for v in fl.registry.publish_versions(fl.store, requests)}
+    for mo in members:
+        v = published.get(mo.model_id)
+        mo.version = v.version if v else None
+    for r in requests:
+        if r.model_id not in published:
+            fl.store.discard(r.staged)  # this run published the member before (a resumed run)
+    return PackOutcome(pack.name, run_id, RunStatus.SUCCEEDED, 0.0, steps=int(out["metrics"]["step"]), members=members)
+
+
+def _describe(exc: BaseException) -> str:
+    cause = exc
+    while getattr(cause, "cause", None) is not None:
+        cause = cause.cause
+    if isinstance(cause, FleetError):
+        return cause.message
+    text = str(cause).strip().splitlines()
+    return text[-1] if text else type(cause).__name__

@@ -1,0 +1,267 @@
+"""The pack loop: Ray Train's ``train_loop_per_worker`` for one pack of many models.
+
+Read it top to bottom: load the base once → load frozen ancestors and trainable members
+into the engine's slots → pin each member's data → evaluate → step → evaluate → report.
+Every step is one forward and one backward through the engine for all members at once;
+what must stay per member stays per member: its loss mean, its gradient clip, its AdamW
+state and its learning-rate schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fleet.config import FleetConfig
+from fleet.train.data import RowStream, collate, eval_batches, member_data
+from fleet.train.pack import AdapterRef, PackSpec
+from fleet.train.schedule import lr_at
+
+RESULT_FILE = "result.json"
+STATE_FILE = "state.pt"
+
+
+def train_pack_loop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    from fleet.base import load_base, resolve_dtype
+    from fleet.context import Fleet
+    from fleet.lora import AdapterWeights, LoraEngine, SlotAdamW
+
+    spec = PackSpec.from_dict(config["pack"])
+    cfg = FleetConfig.model_validate(config["cfg"])
+    progress = config.get("progress")  # a ProgressBoard actor handle, or None
+    torch.manual_seed(cfg.train.seed)
+    device = _device()
+    fl = Fleet(cfg)
+    members = spec.members
+    keys = [m.train_key for m in members]
+
+    # -- the base, once; then every adapter the pack needs, in slots ---------------------------
+    model, tokenizer = load_base(cfg.base_path, device=device, dtype=resolve_dtype(cfg.base.dtype, device))
+    ancestors: dict[str, AdapterRef] = {a.key: a for m in members for a in m.ancestors}
+    read = lambda ref: AdapterWeights.from_bytes(*_files(fl.store, ref))  # noqa: E731
+    frozen = {key: read(ref) for key, ref in ancestors.items()}
+    engine = LoraEngine(
+        model,
+        target_modules=cfg.lora.target_modules,
+        max_slots=len(members) + len(frozen),
+        max_rank=max([m.rank for m in members] + [w.rank for w in frozen.values()]),
+    )
+    for key, w in frozen.items():
+        engine.load(key, w, trainable=False)  # ancestors are frozen: the hierarchy stays stratified
+
+    ckpt = ray.train.get_checkpoint()
+    state = None
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    for m in members:
+        if state:
+            w = AdapterWeights.from_bytes(*state["adapters"][m.model_id])
+        elif m.start:
+            w = read(m.start)  # continual learning: start from the active version
+        else:
+            w = AdapterWeights.fresh(
+                model, rank=m.rank, alpha=m.alpha, target_modules=cfg.lora.target_modules,
+                use_rslora=cfg.lora.use_rslora, seed=_seed(m.seed, m.model_id),
+            )
+        engine.load(m.train_key, w, trainable=True)
+    # Each member's rows use [company, team, own] slots (levels it lacks are -1).
+    slot_rows = torch.tensor(
+        [[engine.slot(a.key) for a in m.ancestors] + [-1] * (2 - len(m.ancestors)) + [engine.slot(m.train_key)]
+         for m in members]
+    )
+
+    opt = SlotAdamW(engine, keys, weight_decay=max(m.learning_schedule.weight_decay for m in members))
+    if state:
+        opt.load_state_dict(state["optimizer"])
+
+    # -- the data: pinned by item ids, so a restarted worker reads exactly the same rows -------
+    snaps = fl.registry.training_snapshot(
+        [m.model_id for m in members],
+        replay_fraction={m.model_id: m.replay_fraction for m in members},
+        seed=cfg.train.seed,
+        pins={m.model_id: (m.watermark, m.upto) for m in members},
+    )
+    data = [
+        member_data(m.model_id, snaps[m.model_id].new_items, snaps[m.model_id].old_items, tokenizer,
+                    context_length=cfg.data.context_length, heldout_fraction=cfg.data.heldout_fraction)
+        for m in members
+    ]
+    streams = [RowStream(d.train, seed=f"{cfg.train.seed}:{m.model_id}") for m, d in zip(members, data, strict=True)]
+    pad = tokenizer.pad_token_id
+    rows_per_member = cfg.train.rows_per_member
+
+    before = state["before"] if state else evaluate(engine, model, data, slot_rows, pad, device)
+    start = state["step"] if state else 0
+    tokens = list(state["tokens"]) if state else [0] * len(members)
+    if state:  # every member's data stream continues exactly where the checkpoint left it
+        for stream, saved in zip(streams, state["streams"], strict=True):
+            stream.restore(saved)
+
+    # -- the loop ------------------------------------------------------------------------------
+    total = spec.steps
+    model.train()
+    t0, last_loss = time.time(), [float("nan")] * len(members)
+    for step in range(start, total):
+        active = [i for i, m in enumerate(members) if _trains(m, i, step, tokens)]
+        if not active:
+            break
+        batch = [streams[i].take(rows_per_member) for i in active]
+        ids_BT, mask_BT, which_B = collate(batch, pad)
+        member_B = torch.tensor(active)[which_B]
+        ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
+        with engine.rows(slot_rows[member_B]):
+            logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
+            nll_M, count_M = _member_nll(logits_BTV, ids_BT, mask_BT, member_B.to(device), len(members))
+            # Each member's own mean: a member with long rows does not outweigh one with short.
+            loss_M = nll_M / count_M.clamp(min=1)
+            kl_w = torch.tensor([members[i].kl_weight for i in range(len(members))], device=device)
+            if bool((kl_w[active] > 0).any()):
+                with engine.rows(torch.full((len(member_B), 1), -1)), torch.no_grad():
+                    base_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
+                kl_M = _member_kl(base_BTV, logits_BTV, mask_BT, member_B.to(device), len(members))
+                loss_M = loss_M + kl_w * kl_M / count_M.clamp(min=1)
+            loss_M.sum().backward()
+        # Clip per member: a global clip would let one tenant's gradients shrink another's.
+        opt.clip_({keys[i]: members[i].learning_schedule.max_grad_norm for i in active})
+        opt.set_lr({keys[i]: lr_at(step, members[i].learning_schedule) for i in active})
+        opt.step([keys[i] for i in active])
+        opt.zero_grad()
+        for i in active:
+            tokens[i] += int(mask_BT[(member_B == i).to(device)].sum())
+            last_loss[i] = float(loss_M[i])
+        done = step + 1
+        if progress is not None and (done % 5 == 0 or done == total):
+            progress.update.remote(spec.name, {"step": done, "steps": total, "pid": os.getpid(),
+                                               "loss": _mean(last_loss), "tokens": sum(tokens),
+                                               "elapsed_s": time.time() - t0})
+        if done % cfg.train.checkpoint_every == 0 and done < total:
+            _report(engine, opt, members, keys, streams, before, done, tokens, {"step": done, "loss": _mean(last_loss)})
+
+    model.eval()
+    after = evaluate(engine, model, data, slot_rows, pad, device)
+    metrics = {
+        "step": total,
+        "loss": _mean(last_loss),
+        "heldout_before": _mean([b["loss"] for b in before]),
+        "heldout_after": _mean([a["loss"] for a in after]),
+        "kl_after": _mean([a["kl"] for a in after]),
+    }
+    members_out = {
+        m.model_id: {
+            "heldout_before": before[i]["loss"], "heldout_after": after[i]["loss"],
+            "kl_base": after[i]["kl"], "top1_base": after[i]["top1"], "tokens": tokens[i],
+            "train_rows": len(data[i].train), "heldout_rows": len(data[i].heldout),
+        }
+        for i, m in enumerate(members)
+    }
+    _report(engine, opt, members, keys, streams, before, total, tokens, metrics, final=members_out)
+
+
+def _trains(m, i: int, step: int, tokens: list[int]) -> bool:
+    """A member steps until its schedule ends or it has used its token budget."""
+    if step >= m.learning_schedule.steps:
+        return False
+    return m.token_budget is None or tokens[i] < m.token_budget
+
+
+def _member_nll(logits_BTV, ids_BT, mask_BT, member_B, n_members: int):
+    """Summed next-token NLL and token counts per member (padding masked out)."""
+    logp = F.cross_entropy(logits_BTV[:, :-1].transpose(1, 2), ids_BT[:, 1:], reduction="none")
+    m_BT = mask_BT[:, 1:].to(logp.dtype)
+    per_row = (logp * m_BT).sum(1)
+    nll_M = torch.zeros(n_members, device=logp.device).index_add(0, member_B, per_row)
+    count_M = torch.zeros(n_members, device=logp.device).index_add(0, member_B, m_BT.sum(1))
+    return nll_M, count_M
+
+
+def _member_kl(base_BTV, logits_BTV, mask_BT, member_B, n_members: int):
+    """Summed per-token KL(base ‖ model) per member."""
+    lp_base = F.log_softmax(base_BTV[:, :-1], -1)
+    lp_model = F.log_softmax(logits_BTV[:, :-1], -1)
+    kl_BT = (lp_base.exp() * (lp_base - lp_model)).sum(-1) * mask_BT[:, 1:]
+    return torch.zeros(n_members, device=kl_BT.device).index_add(0, member_B, kl_BT.sum(1))
+
+
+@torch.no_grad()
+def evaluate(engine, model, data, slot_rows, pad: int, device, batch_rows: int = 32) -> list[dict[str, float]]:
+    """Held-out loss, KL(base ‖ model) and top-1 agreement with the base, per member."""
+    was_training = model.training
+    model.eval()
+    n = len(data)
+    nll, cnt, kl, agree = (torch.zeros(n, device=device) for _ in range(4))
+    for i, d in enumerate(data):
+        for rows in eval_batches(d.heldout, batch_rows):
+            ids_BT, mask_BT, _ = collate([rows], pad)
+            ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
+            member_B = torch.full((len(rows),), i, device=device)
+            with engine.rows(slot_rows[[i] * len(rows)]):
+                logits = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
+            with engine.rows(torch.full((len(rows), 1), -1)):
+                base = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
+            s, c = _member_nll(logits, ids_BT, mask_BT, member_B, n)
+            nll += s
+            cnt += c
+            kl += _member_kl(base, logits, mask_BT, member_B, n)
+            same = (logits[:, :-1].argmax(-1) == base[:, :-1].argmax(-1)).float() * mask_BT[:, 1:]
+            agree[i] += same.sum()
+    model.train(was_training)
+    c = cnt.clamp(min=1)
+    return [
+        {"loss": float(nll[i] / c[i]), "kl": float(kl[i] / c[i]), "top1": float(agree[i] / c[i])}
+        for i in range(n)
+    ]
+
+
+def _report(engine, opt, members, keys, streams, before, step, tokens, metrics, final=None) -> None:
+    """Checkpoint every member's adapter and optimizer state (and, at the end, the results)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    state = {
+        "step": step,
+        "tokens": list(tokens),
+        "before": before,
+        "adapters": {m.model_id: engine.export(k).to_bytes() for m, k in zip(members, keys, strict=True)},
+        "optimizer": opt.state_dict(),
+        "streams": [s.state() for s in streams],
+    }
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / STATE_FILE)
+        if final is not None:
+            (Path(d) / RESULT_FILE).write_text(json.dumps({"members": final, "metrics": metrics}))
+        ray.train.report({**metrics, "final": final is not None}, checkpoint=Checkpoint.from_directory(d))
+
+
+def _files(store, ref: AdapterRef) -> tuple[bytes, bytes]:
+    f = store.read_version(ref.uri, ref.sha256)
+    return f.config, f.weights
+
+
+def _seed(seed: int, model_id: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{model_id}".encode()).digest()[:4], "big")
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x == x]
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
+def _device() -> torch.device:
+    try:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    except Exception:  # outside a Train worker (direct calls in tests)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,117 @@
+"""Training as an operator starts it: packs from model ids or a plan file, live progress, a summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fleet.errors import ValidationError
+from fleet.train.launch import Gate, PackOutcome, run_packs
+from fleet.train.pack import PackSpec, build_pack
+from fleet.types import RunStatus
+
+
+def train_models(fl, model_ids: Sequence[str], *, steps: int | None = None, console: Console | None = None,
+                 gates: Sequence[Gate] = (), cycle_id: int | None = None) -> list[PackOutcome]:
+    """Train these models, split into packs of at most ``scheduler.max_pack_members``."""
+    size = fl.cfg.scheduler.max_pack_members
+    groups = [list(model_ids[i : i + size]) for i in range(0, len(model_ids), size)] or [[]]
+    return _train(fl, [{"members": g} for g in groups], steps=steps, console=console, gates=gates, cycle_id=cycle_id)
+
+
+def train_plan_file(fl, path: str | Path, *, steps: int | None = None, console: Console | None = None,
+                    gates: Sequence[Gate] = ()) -> list[PackOutcome]:
+    """Train the packs of a plan written by ``fleet schedule --json``."""
+    p = Path(path)
+    try:
+        doc = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ValidationError(f"{p}: no such plan file") from None
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    packs = doc.get("packs") if isinstance(doc, dict) else None
+    if not isinstance(packs, list):
+        raise ValidationError(f"{p}: not a fleet plan (expected an object with a 'packs' list)")
+    return _train(fl, packs, steps=steps, console=console, gates=gates)
+
+
+def _train(fl, packs: list[dict], *, steps, console, gates, cycle_id: int | None = None) -> list[PackOutcome]:
+    own_cycle = cycle_id is None
+    if own_cycle:
+        cycle_id = fl.registry.start_cycle()
+    specs: list[PackSpec] = []
+    try:
+        for n, p in enumerate(packs):
+            members = p.get("members") or []
+            specs.append(build_pack(
+                fl, list(members), cycle_id=cycle_id, index=n, token_budgets=p.get("token_budgets"),
+                slice_profile=p.get("slice_profile"), resources=p.get("resources"), steps=steps,
+            ))
+    except Exception:
+        if own_cycle:
+            fl.registry.finish_cycle(cycle_id, RunStatus.FAILED, {"kind": "train", "error": "invalid pack"})
+        raise
+    t0 = time.time()
+    outcomes = _run_with_progress(fl, specs, console, gates)
+    if own_cycle:
+        fl.registry.finish_cycle(cycle_id, RunStatus.SUCCEEDED if not any(o.error for o in outcomes) else RunStatus.FAILED,
+                                 summary_of(outcomes, kind="train", seconds=time.time() - t0))
+    if console is not None:
+        render_outcomes(outcomes, console)
+    return outcomes
+
+
+def summary_of(outcomes: Sequence[PackOutcome], **extra) -> dict:
+    return {
+        "packs": len(outcomes),
+        "trained": sum(len(o.members) for o in outcomes),
+        "published": sum(o.published for o in outcomes),
+        "rejected": sum(o.rejected for o in outcomes),
+        "failed_packs": sum(1 for o in outcomes if o.error),
+        **extra,
+    }
+
+
+def _run_with_progress(fl, specs: list[PackSpec], console: Console | None, gates) -> list[PackOutcome]:
+    if console is None:
+        return run_packs(fl, specs, gates=gates)
+    cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    with Progress(*cols, console=console, transient=False) as prog:
+        tasks = {s.name: prog.add_task(f"{s.name} ({len(s.members)} models)", total=s.steps, info="starting") for s in specs}
+
+        def show(board: dict[str, dict]) -> None:
+            for name, st in board.items():
+                if name in tasks and "step" in st:
+                    prog.update(tasks[name], completed=st["step"], info=f"loss {st.get('loss', float('nan')):.3f}")
+
+        outcomes = run_packs(fl, specs, gates=gates, on_progress=show)
+        for o in outcomes:
+            prog.update(tasks[o.name], completed=o.steps if not o.error else prog.tasks[tasks[o.name]].completed,
+                        info="failed" if o.error else "done")
+    return outcomes
+
+
+def render_outcomes(outcomes: Sequence[PackOutcome], console: Console) -> None:
+    t = Table(title="training runs")
+    for col in ("run", "members", "steps", "tokens", "held-out before → after", "published", "rejected", "time"):
+        t.add_column(col, justify="left" if col == "run" else "right")
+    for o in outcomes:
+        if o.error:
+            t.add_row(o.name, "-", "-", "-", f"[red]failed: {o.error}[/]", "0", "0", f"{o.seconds:.0f}s")
+            continue
+        ms = [m.metrics for m in o.members]
+        before = sum(m["heldout_before"] for m in ms) / len(ms)
+        after = sum(m["heldout_after"] for m in ms) / len(ms)
+        t.add_row(o.name, str(len(o.members)), str(o.steps), f"{sum(m['tokens'] for m in ms):,}",
+                  f"{before:.3f} → {after:.3f}", str(o.published), str(o.rejected), f"{o.seconds:.0f}s")
+    console.print(t)
+    rejected = [(m.model_id, m.reason) for o in outcomes for m in o.members if not m.published]
+    for mid, why in rejected[:10]:
+        console.print(f"  rejected {mid}: {why}")
