@@ -180,7 +180,7 @@ class SliceSpec(_Section):
     count: int = Field(1, ge=0)
     """How many slices of this type the cluster has."""
     gpu: str | None = None
-    """Card of full, frac-<f> and MIG profiles (empty: implied by the profile; bare 80 GB MIG profiles mean a100-80gb)."""
+    """Card of full, frac-<f> and MIG profiles (empty: implied; a bare MIG profile means the slowest card that has it)."""
     node: str | None = None
     """Node the slices are on (a placement hint in the plan; empty: any)."""
     memory_gb: float | None = Field(None, gt=0)

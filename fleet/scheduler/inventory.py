@@ -14,8 +14,9 @@ A *slice* is the unit one pack trains on. Profiles (the ``profile`` of a config 
   nodes up (one MIG profile per node type).
 
 Canonical slice-type names qualify the card: ``h100-80gb``, ``a100-80gb:1g.10gb``,
-``a10g:frac-0.5``, ``cpu``. A bare MIG profile of the 80 GB family means the A100-80GB
-(the slower card, so packs sized for it finish early rather than late).
+``a10g:frac-0.5``, ``cpu``. A bare MIG profile means the slowest card that has it (an A100
+for ``1g.10gb``), so packs sized for it finish early rather than late; name the card
+(``gpu: h100-80gb`` or ``h100-80gb:1g.10gb``) to plan for a faster one.
 
 Relative speed is training throughput against a full H100 (1.0); a MIG instance gets g/7 of
 its card, a fraction f gets f of it. Memory and speed can be overridden per entry.
@@ -70,9 +71,15 @@ RAY_TYPES: dict[str, str] = {
     "A100-80G": "a100-80gb", "H100": "h100-80gb", "H200": "h200-141gb",
 }
 """Ray ``accelerator_type`` label → card. Plain ``A100`` (Ray's own label for both sizes) reads as 40 GB."""
-MIG_DEFAULT_GPU = {"5gb": "a100-40gb", "10gb": "a100-80gb", "20gb": "a100-80gb", "40gb": "a100-80gb", "80gb": "a100-80gb",
-                   "18gb": "h200-141gb", "35gb": "h200-141gb", "71gb": "h200-141gb", "141gb": "h200-141gb"}
-"""Card of a bare MIG profile: the slowest card that has it, so packs sized for it finish early, not late."""
+
+
+def _mig_default(mig: str) -> GpuModel | None:
+    """Card of a bare MIG profile: the slowest (then smallest) card that has it, so packs sized
+    for it finish early rather than late."""
+    cards = [g for g in GPUS.values() if mig in g.mig]
+    return min(cards, key=lambda g: (g.speed, g.memory_gb)) if cards else None
+
+
 _MIG = re.compile(r"(?:mig-)?([1-7])g\.(\d+)gb")
 _FRAC = re.compile(r"frac-(\d*\.?\d+)")
 CPU_DEFAULT_MEMORY_GB = 8.0
@@ -161,8 +168,8 @@ def slice_type(
     m = _MIG.fullmatch(p)
     if m:
         mig = f"{m.group(1)}g.{m.group(2)}gb"
-        if card is None and f"{m.group(2)}gb" in MIG_DEFAULT_GPU:
-            card = GPUS[MIG_DEFAULT_GPU[f"{m.group(2)}gb"]]
+        if card is None:
+            card = _mig_default(mig)
         if card is None or mig not in card.mig:
             where = f"GPU {card.name!r} (its MIG profiles: {' '.join(card.mig) or 'none'})" if card else "any known GPU"
             raise ConfigError(f"unknown MIG profile {profile!r} for {where}")

@@ -1,8 +1,9 @@
 """Packing: admitted models → packs on slices, sized by memory, balanced in tokens.
 
 Per base model, the admitted members are sorted by desired tokens (largest first) and laid
-along the slices' remaining capacity (GPU-seconds, largest slice first): member i goes to
-the slice whose stretch of the capacity line holds the middle of member i's stretch. Each
+along the slices' remaining capacity (GPU-seconds, largest slice first; scaled down in
+proportion when there is room to spare, so that all slices finish together): member i goes
+to the slice whose stretch of the capacity line holds the middle of member i's stretch. Each
 slice's members are cut, in that order, into packs whose memory (``fleet.scheduler.memory``)
 fits the slice; the packs run one after another. If a slice's members want more tokens than
 its time allows after the per-pack overhead, their budgets are cut to a common water level
@@ -136,7 +137,11 @@ def pack_base(
         members, desired, mem_bytes, priority = members[order], desired[order], mem_bytes[order], priority[order]
     cost = desired / tau + ov_member
     mid = np.cumsum(cost) - cost / 2
-    where = np.minimum(np.searchsorted(np.cumsum(cap[usable]), mid, side="right"), len(usable) - 1)
+    # With room to spare, lay the work out in proportion to the slices' capacity: every slice
+    # then finishes at about the same time (the earliest the last member can), not the first
+    # slices late and the rest idle.
+    layout = cap[usable] * min(1.0, float(cost.sum()) / room)
+    where = np.minimum(np.searchsorted(np.cumsum(layout), mid, side="right"), len(usable) - 1)
     bounds = np.searchsorted(where, np.arange(len(usable) + 1), side="left")
     for u in range(len(usable)):
         a, e = int(bounds[u]), int(bounds[u + 1])

@@ -355,10 +355,11 @@ def _base_shares(fits: np.ndarray, demand_b: np.ndarray) -> np.ndarray:
 
 
 def _overhead_per_member(fits: np.ndarray, speed: np.ndarray, cfg: PolicyConfig) -> np.ndarray:
-    """(B,) pack start-up GPU-seconds per member when packs are full (admission's estimate)."""
+    """(B,) pack start-up GPU-seconds per member when packs are full (admission's estimate;
+    0 for a base no slice can hold: its models get no room anyway)."""
     slots = (fits * (fits >= 1)).sum(axis=1)
     speed_sum = ((fits >= 1) * speed[None, :]).sum(axis=1)
-    return np.divide(cfg.pack_overhead_s * speed_sum, slots, out=np.full(len(fits), np.inf), where=slots > 0)
+    return np.divide(cfg.pack_overhead_s * speed_sum, slots, out=np.zeros(len(fits)), where=slots > 0)
 
 
 def _members_per_cycle(fits: np.ndarray, speed: np.ndarray, cfg: PolicyConfig) -> int:
@@ -367,9 +368,9 @@ def _members_per_cycle(fits: np.ndarray, speed: np.ndarray, cfg: PolicyConfig) -
     if fits.size == 0:
         return 1
     m = fits[int(np.argmax((fits >= 1).sum(axis=1)))]
-    per_pack_s = cfg.pack_overhead_s + cfg.min_member_tokens * m / (cfg.tokens_per_gpu_s * speed)
-    packs = np.floor(cfg.cycle_s / per_pack_s)
-    return max(1, int((packs * m)[m >= 1].sum()))
+    ok = m >= 1
+    per_pack_s = cfg.pack_overhead_s + cfg.min_member_tokens * m[ok] / (cfg.tokens_per_gpu_s * speed[ok])
+    return max(1, int((np.floor(cfg.cycle_s / per_pack_s) * m[ok]).sum()))
 
 
 def _reason_counts(reason: np.ndarray) -> dict[str, int]:

@@ -35,15 +35,19 @@ def plan_tables(plan: Plan, demand: Demand | None = None, *, max_packs: int = 20
         head.add_row("planned utilization", f"{100 * float(s.get('utilization', 0.0)):.1f}%")
 
     packs = Table(title="packs")
-    for col, just in (("slice", "left"), ("node", "left"), ("base", "left"), ("members", "right"),
-                      ("first members", "left"), ("tokens each", "right"), ("start s", "right"), ("run s", "right")):
-        packs.add_column(col, justify=just)  # type: ignore[arg-type]
+    packs.add_column("slice", no_wrap=True)
+    packs.add_column("node", no_wrap=True, max_width=12, overflow="ellipsis")
+    packs.add_column("base", no_wrap=True, max_width=10, overflow="ellipsis")
+    packs.add_column("members", justify="right", no_wrap=True)
+    packs.add_column("tokens each", justify="right", no_wrap=True)
+    packs.add_column("start s", justify="right", no_wrap=True)
+    packs.add_column("run s", justify="right", no_wrap=True)
+    packs.add_column("first member", no_wrap=True, overflow="ellipsis", max_width=24)
     for p in plan.packs[:max_packs]:
         b = p.token_budgets
-        shown = ", ".join(p.members[:3]) + (" …" if len(p.members) > 3 else "")
-        packs.add_row(p.slice_profile, p.node_hint or "–", p.base, str(len(p.members)), shown,
+        packs.add_row(p.slice_profile, p.node_hint or "–", p.base, str(len(p.members)),
                       f"{min(b):,}–{max(b):,}" if min(b) != max(b) else f"{b[0]:,}",
-                      f"{p.start_s:.0f}", f"{p.est_seconds:.0f}")
+                      f"{p.start_s:.0f}", f"{p.est_seconds:.0f}", p.members[0])
     if len(plan.packs) > max_packs:
         packs.caption = f"… and {len(plan.packs) - max_packs:,} more packs (use --json for all)"
 
@@ -73,7 +77,10 @@ def plan_tables(plan: Plan, demand: Demand | None = None, *, max_packs: int = 20
 
 
 def print_plan(plan: Plan, demand: Demand | None = None, console: Console | None = None) -> None:
-    (console or Console(highlight=False)).print(plan_tables(plan, demand))
+    console = console or Console(highlight=False)
+    if not console.is_terminal:  # piped output has no width to respect: room for the pack table
+        console = Console(file=console.file, width=max(console.width, 120), highlight=False)
+    console.print(plan_tables(plan, demand))
 
 
 def sim_table(reports: Sequence[SimReport]) -> Table:

@@ -1,0 +1,88 @@
+"""``fleet schedule``, ``fleet cycle``, ``fleet simulate``: output and exits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from fleet import _cli_common as common
+from fleet.cli import main
+from fleet.config import load_config
+from fleet.scheduler import Demand, Plan
+from fleet.scheduler.cli import base_specs, inventory_for, plan_and_show
+
+
+@pytest.fixture
+def cfg(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fleet.yaml").write_text(
+        "scheduler:\n  reserve_serving_fraction: 0.0\n  inventory:\n"
+        "    - {profile: a10g, count: 1, node: n1}\n    - {profile: 1g.10gb, gpu: h100, count: 2, node: n2}\n"
+    )
+    common.set_config_path(None)
+    yield load_config(tmp_path / "fleet.yaml", env={})
+    common.set_config_path(None)
+
+
+def demand() -> Demand:
+    rows = [{"model_id": f"acme/t{i % 3}/p{i}", "pending_tokens": 20_000 + 1000 * i, "since_last_s": None} for i in range(30)]
+    rows += [{"model_id": "acme", "pending_tokens": 0}, {"model_id": "initech/ops/x", "pending_tokens": 50, "drift_state": "frozen"}]
+    return Demand.from_records(rows, companies={"acme": {"share": 3.0}, "initech": {"share": 1.0}})
+
+
+def test_schedule_renders_a_table(cfg, capsys):
+    d = demand()
+    result = plan_and_show(cfg, d, json_out=False, inventory=inventory_for(cfg), now=0.0)
+    out = capsys.readouterr().out
+    assert "packs" in out and "not scheduled" in out and "acme" in out
+    assert "h100-80gb:1g.10gb" in out or "a10g" in out
+    assert result.summary["scheduled"] == 30
+    assert result.unscheduled == {"acme": "no data", "initech/ops/x": "frozen"}
+
+
+def test_schedule_json_is_the_pack_file_format(cfg, capsys):
+    plan_and_show(cfg, demand(), json_out=True, inventory=inventory_for(cfg), now=42.0)
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["format"] == "fleet.plan/1" and doc["created_at"] == 42.0
+    back = Plan.from_dict(doc)
+    members = [m for p in back.packs for m in p.members]
+    assert len(members) == len(set(members)) == 30
+    for p in back.packs:
+        assert len(p.token_budgets) == len(p.members) and p.resources
+        assert p.node_hint in ("n1", "n2")
+    assert back.unscheduled["initech/ops/x"] == "frozen"
+
+
+def test_base_specs_reads_the_base_config(cfg):
+    specs = base_specs(cfg, ["default"])
+    assert specs["default"].name == "default"  # no base on disk: the tiny base's shape
+    cfg.base_path.mkdir(parents=True)
+    (cfg.base_path / "config.json").write_text(json.dumps({
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 4, "vocab_size": 260}))
+    assert base_specs(cfg, ["default"])["default"].hidden == 64
+
+
+def test_schedule_and_cycle_say_what_is_missing(cfg, capsys):
+    assert main(["schedule"]) == 4
+    assert "demand query is not built yet" in capsys.readouterr().err
+    assert main(["cycle"]) == 4
+    err = capsys.readouterr().err
+    assert "training" in err and "entry point" in err
+
+
+def test_simulate_json_and_plot(cfg, tmp_path, capsys):
+    png = tmp_path / "out.png"
+    assert main(["simulate", "--models", "600", "--slices", "2", "--hours", "1", "--json", "--plot", str(png)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [r["policy"] for r in doc["reports"]] == ["fleet", "fifo", "round-robin"]
+    assert all(r["cycles"] == 6 and 0 <= r["utilization"] <= 1 for r in doc["reports"])
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert main(["simulate", "--models", "300", "--slices", "1", "--hours", "0.5", "--policy", "fifo"]) == 0
+    out = capsys.readouterr().out
+    assert "fifo" in out and "Jain" in out and "round-robin" not in out
+    assert main(["simulate", "--policy", "lottery"]) == 2
+    assert "unknown policy" in capsys.readouterr().err
+    assert np.isfinite(doc["reports"][0]["jain"])
