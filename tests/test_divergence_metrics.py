@@ -28,6 +28,7 @@ from fleet.divergence.metrics import (
     total_variation,
     total_variation_topk,
     weight_metrics,
+    weight_metrics_chunks,
 )
 from fleet.errors import ValidationError
 
@@ -125,6 +126,30 @@ def test_aggregates_are_root_sum_of_squares_over_modules():
     assert wm.summary(0)["rel_fro"] == pytest.approx(float(wm.fro_N[0]) / 13.0)
     with pytest.raises(ValidationError, match="base norm"):
         weight_metrics(deltas, {"layer0": 1.0})
+
+
+def test_many_models_span_several_blocks_and_chunks_in_order():
+    # 1,500 models × 2 modules = 3,000 r×r problems: two blocks of the spectral loop
+    g = torch.Generator().manual_seed(14)
+    deltas = {m: _level(g, 1500, 8, 10, 9) for m in ("a", "b")}  # 8×8 cores: 2,048 per block
+    wm = weight_metrics(deltas)
+    for j, lv in enumerate(deltas.values()):
+        sv = torch.linalg.svdvals(lv.materialize())
+        torch.testing.assert_close(wm.spectral_NM[:, j], sv[:, 0], rtol=SPECTRAL_RTOL, atol=0)
+    chunks = [
+        {
+            m: LoraBatch(d.A_NRI[k : k + 400], d.B_NOR[k : k + 400], d.scale_N[k : k + 400])
+            for m, d in deltas.items()
+        }
+        for k in range(0, 1500, 400)
+    ]
+    for workers in (1, 2):
+        parts = list(weight_metrics_chunks(iter(chunks), None, workers=workers))
+        assert [p.fro_NM.shape[0] for p in parts] == [400, 400, 400, 300]
+        torch.testing.assert_close(torch.cat([p.fro_NM for p in parts]), wm.fro_NM)
+        torch.testing.assert_close(torch.cat([p.spectral_NM for p in parts]), wm.spectral_NM)
+    with pytest.raises(ValidationError, match="workers"):
+        list(weight_metrics_chunks(chunks, None, workers=0))
 
 
 @settings(max_examples=25, deadline=None)

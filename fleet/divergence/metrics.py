@@ -20,7 +20,9 @@ NLL/ΔNLL from log-probs, exact against a full reference or bounded through the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +68,7 @@ __all__ = [
     "forward_kl", "forward_kl_topk", "function_metrics", "log_probs", "lora_batches", "masked_mean",
     "module_stats", "nll_shift", "pair_stats", "relative_metrics", "spectrum", "stack_grams",
     "token_nll", "top1_agreement", "top1_agreement_topk", "total_variation", "total_variation_topk",
-    "weight_metrics",
+    "weight_metrics", "weight_metrics_chunks",
 ]  # fmt: skip
 
 
@@ -142,7 +144,7 @@ def weight_metrics(
     """
     n = check_uniform_n(deltas)
     modules = tuple(deltas)
-    stats = [module_stats(deltas[m]) for m in modules]
+    stats = module_stats([deltas[m] for m in modules])
     device = stats[0].fro.device
     col = lambda f: torch.stack([getattr(s, f) for s in stats], -1) if stats else torch.zeros(n, 0)  # noqa: E731
     return WeightMetrics(
@@ -152,6 +154,34 @@ def weight_metrics(
         stable_rank_NM=col("stable_rank"),
         base_fro_M=_base_vector(modules, base_norms, device),
     )
+
+
+def weight_metrics_chunks(
+    chunks: Iterable[Mapping[str, Delta]],
+    base_norms: Mapping[str, float] | None = None,
+    workers: int = 1,
+) -> Iterator[WeightMetrics]:
+    """:func:`weight_metrics` of every chunk of models, in order, ``workers`` chunks at a time.
+
+    torch releases the GIL inside its kernels, so worker threads run on separate cores. Run them
+    with ``torch.set_num_threads(1)``: on a shared machine, single-threaded kernels on separate
+    threads keep going when a core is taken, where OpenMP-parallel kernels stall at every barrier.
+    At most ``workers + 1`` chunks are held at once, so ``chunks`` may stream from the store.
+    """
+    if workers < 1:
+        raise ValidationError(f"workers must be >= 1, got {workers}")
+    if workers == 1:
+        for chunk in chunks:
+            yield weight_metrics(chunk, base_norms)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="fleet-drift") as pool:
+        pending: deque[Future[WeightMetrics]] = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(weight_metrics, chunk, base_norms))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 @dataclass(frozen=True)
@@ -250,7 +280,8 @@ def lora_batches(
     for name in names:
         try:
             A = torch.stack([m[name][0] for m in models])
-            B = torch.stack([m[name][1] for m in models])
+            # r-major storage (a transposed view), so that BᵀB reads contiguous rows like A Aᵀ
+            B = torch.stack([m[name][1].T for m in models]).mT
         except RuntimeError as exc:
             raise ValidationError(
                 f"{name}: adapters have different shapes or ranks ({exc}); batch one rank at a time"
