@@ -27,8 +27,14 @@ def cfg(tmp_path, monkeypatch):
 
 
 def demand() -> Demand:
-    rows = [{"model_id": f"acme/t{i % 3}/p{i}", "pending_tokens": 20_000 + 1000 * i, "since_last_s": None} for i in range(30)]
-    rows += [{"model_id": "acme", "pending_tokens": 0}, {"model_id": "initech/ops/x", "pending_tokens": 50, "drift_state": "frozen"}]
+    rows = [
+        {"model_id": f"acme/t{i % 3}/p{i}", "pending_tokens": 20_000 + 1000 * i, "since_last_s": None}
+        for i in range(30)
+    ]
+    rows += [
+        {"model_id": "acme", "pending_tokens": 0},
+        {"model_id": "initech/ops/x", "pending_tokens": 50, "drift_state": "frozen"},
+    ]
     return Demand.from_records(rows, companies={"acme": {"share": 3.0}, "initech": {"share": 1.0}})
 
 
@@ -59,9 +65,18 @@ def test_base_specs_reads_the_base_config(cfg):
     specs = base_specs(cfg, ["default"])
     assert specs["default"].name == "default"  # no base on disk: the tiny base's shape
     cfg.base_path.mkdir(parents=True)
-    (cfg.base_path / "config.json").write_text(json.dumps({
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "vocab_size": 260}))
+    (cfg.base_path / "config.json").write_text(
+        json.dumps(
+            {
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "vocab_size": 260,
+            }
+        )
+    )
     assert base_specs(cfg, ["default"])["default"].hidden == 64
 
 
@@ -75,7 +90,10 @@ def test_schedule_and_cycle_say_what_is_missing(cfg, capsys):
 
 def test_simulate_json_and_plot(cfg, tmp_path, capsys):
     png = tmp_path / "out.png"
-    assert main(["simulate", "--models", "600", "--slices", "2", "--hours", "1", "--json", "--plot", str(png)]) == 0
+    assert (
+        main(["simulate", "--models", "600", "--slices", "2", "--hours", "1", "--json", "--plot", str(png)])
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     assert [r["policy"] for r in doc["reports"]] == ["fleet", "fifo", "round-robin"]
     assert all(r["cycles"] == 6 and 0 <= r["utilization"] <= 1 for r in doc["reports"])

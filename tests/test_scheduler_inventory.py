@@ -19,9 +19,23 @@ from fleet.scheduler.ray_inventory import inventory_from_nodes
         ("h100-80gb", None, "h100-80gb", 80, 1.0, {"GPU": 1.0, "accelerator_type:H100": 0.001}),
         ("full", "H100", "h100-80gb", 80, 1.0, {"GPU": 1.0, "accelerator_type:H100": 0.001}),
         ("a10g", None, "a10g", 24, 0.12, {"GPU": 1.0, "accelerator_type:A10G": 0.001}),
-        ("frac-0.5", "a100-80gb", "a100-80gb:frac-0.5", 40, 0.2, {"GPU": 0.5, "accelerator_type:A100-80G": 0.001}),
+        (
+            "frac-0.5",
+            "a100-80gb",
+            "a100-80gb:frac-0.5",
+            40,
+            0.2,
+            {"GPU": 0.5, "accelerator_type:A100-80G": 0.001},
+        ),
         ("1g.10gb", None, "a100-40gb:1g.10gb", 10, 0.4 / 7, {"GPU": 1.0, "fleet_slice_1g.10gb": 1.0}),
-        ("mig-3g.40gb", "h100-80gb", "h100-80gb:3g.40gb", 40, 3 / 7, {"GPU": 1.0, "fleet_slice_3g.40gb": 1.0}),
+        (
+            "mig-3g.40gb",
+            "h100-80gb",
+            "h100-80gb:3g.40gb",
+            40,
+            3 / 7,
+            {"GPU": 1.0, "fleet_slice_3g.40gb": 1.0},
+        ),
         ("1g.5gb", None, "a100-40gb:1g.5gb", 5, 0.4 / 7, {"GPU": 1.0, "fleet_slice_1g.5gb": 1.0}),
         ("7g.40gb", None, "a100-40gb:7g.40gb", 40, 0.4, {"GPU": 1.0, "fleet_slice_7g.40gb": 1.0}),
         ("h100:7g.80gb", None, "h100-80gb:7g.80gb", 80, 1.0, {"GPU": 1.0, "fleet_slice_7g.80gb": 1.0}),
@@ -79,8 +93,16 @@ def test_inventory_from_config_and_reserve(tmp_path):
 
 def test_inventory_from_ray_nodes():
     nodes = [
-        {"NodeID": "a", "Alive": True, "Resources": {"CPU": 8, "GPU": 7, "fleet_slice_1g.10gb": 7, "accelerator_type:H100": 1}},
-        {"NodeID": "b", "Alive": True, "Resources": {"CPU": 8, "GPU": 2, "accelerator_type:A100": 1, "accelerator_type:A100-80G": 1}},
+        {
+            "NodeID": "a",
+            "Alive": True,
+            "Resources": {"CPU": 8, "GPU": 7, "fleet_slice_1g.10gb": 7, "accelerator_type:H100": 1},
+        },
+        {
+            "NodeID": "b",
+            "Alive": True,
+            "Resources": {"CPU": 8, "GPU": 2, "accelerator_type:A100": 1, "accelerator_type:A100-80G": 1},
+        },
         {"NodeID": "c", "Alive": True, "Resources": {"CPU": 4, "memory": 16e9}},
         {"NodeID": "d", "Alive": False, "Resources": {"GPU": 8, "accelerator_type:H100": 1}},
     ]
@@ -93,7 +115,9 @@ def test_inventory_from_ray_nodes():
     with pytest.raises(ConfigError, match="unknown type"):
         inventory_from_nodes([{"NodeID": "x", "Resources": {"GPU": 1, "accelerator_type:Z9": 1}}])
     with pytest.raises(ConfigError, match="MIG"):
-        inventory_from_nodes([{"NodeID": "y", "Resources": {"GPU": 1, "fleet_slice_1g.5gb": 1, "accelerator_type:H100": 1}}])
+        inventory_from_nodes(
+            [{"NodeID": "y", "Resources": {"GPU": 1, "fleet_slice_1g.5gb": 1, "accelerator_type:H100": 1}}]
+        )
     with pytest.raises(ConfigError, match="empty"):
         inventory_from_nodes([{"NodeID": "z", "Resources": {"CPU": 0.5}}])
 
@@ -117,8 +141,15 @@ def test_memory_model_numbers():
     fit = members_fit(np.array([10.0, 24.0, 80.0]), one_b, float(mb.max()), 64)
     assert 1 <= fit[0] < fit[1] < fit[2] <= 64
     assert members_fit(np.array([10.0]), eight_b, float(mb.max()), 64)[0] == 0
-    hf = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-          "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True}
+    hf = {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    }
     assert BaseSpec.from_hf_config("x", hf) == BaseSpec.preset("1b", "x")
     with pytest.raises(ConfigError, match="hidden_size"):
         BaseSpec.from_hf_config("x", {})

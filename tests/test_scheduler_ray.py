@@ -55,9 +55,16 @@ def test_inventory_and_packs_land_on_matching_slices(cluster):
 
     # enough small packs that every slice gets several, one after another
     n = 60
-    d = Demand(company=np.zeros(n, np.int32), team=np.full(n, -1, np.int32), tier=np.zeros(n, np.int8),
-               pending_tokens=np.full(n, 200_000), since_last_s=np.full(n, np.inf), frozen=np.zeros(n, bool),
-               company_names=["acme"], company_shares=np.ones(1))
+    d = Demand(
+        company=np.zeros(n, np.int32),
+        team=np.full(n, -1, np.int32),
+        tier=np.zeros(n, np.int8),
+        pending_tokens=np.full(n, 200_000),
+        since_last_s=np.full(n, np.inf),
+        frozen=np.zeros(n, bool),
+        company_names=["acme"],
+        company_shares=np.ones(1),
+    )
     cfg = PolicyConfig(reserve_serving_fraction=0.0, max_pack_members=4)
     p = plan(d, inv, cfg, 0.0)
     assert len(p.packs) > inv.total

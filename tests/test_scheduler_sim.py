@@ -22,8 +22,13 @@ def test_water_fill_and_jain():
     assert jain(np.ones(5)) == pytest.approx(1.0)
     assert jain(np.array([1.0, 0, 0, 0])) == pytest.approx(0.25)
     # usage exactly the share-weighted max-min split: perfectly fair
-    assert jain_vs_shares(np.array([1.0, 3.0, 6.0]), np.array([1.0, 1.0, 2.0]), np.array([1.0, 100, 100])) == pytest.approx(1.0)
-    assert jain_vs_shares(np.array([6.0, 3.0, 1.0]), np.array([1.0, 1.0, 2.0]), np.array([100.0, 100, 100])) < 0.8
+    assert jain_vs_shares(
+        np.array([1.0, 3.0, 6.0]), np.array([1.0, 1.0, 2.0]), np.array([1.0, 100, 100])
+    ) == pytest.approx(1.0)
+    assert (
+        jain_vs_shares(np.array([6.0, 3.0, 1.0]), np.array([1.0, 1.0, 2.0]), np.array([100.0, 100, 100]))
+        < 0.8
+    )
     assert np.isnan(percentiles(np.zeros(0))[0])
 
 
@@ -62,7 +67,11 @@ def test_simulated_overload_fleet_vs_baselines(small_runs):
             p50, p99 = r.freshness_s[tier]["p50"], r.freshness_s[tier]["p99"]
             assert 0 < p50 <= p99
     d = fleet.to_dict()
-    assert "series" not in d and d["policy"] == "fleet" and fleet.to_dict(series=True)["series"]["hour"][1] == pytest.approx(1 / 6)
+    assert (
+        "series" not in d
+        and d["policy"] == "fleet"
+        and fleet.to_dict(series=True)["series"]["hour"][1] == pytest.approx(1 / 6)
+    )
 
 
 def test_simulation_is_deterministic():

@@ -16,7 +16,14 @@ The contract:
 
 from fleet.scheduler.baselines import POLICIES, plan_fifo, plan_round_robin
 from fleet.scheduler.demand import Demand, load_demand
-from fleet.scheduler.inventory import Inventory, SliceGroup, SliceType, resources_for_slice, slice_type, synthetic_inventory
+from fleet.scheduler.inventory import (
+    Inventory,
+    SliceGroup,
+    SliceType,
+    resources_for_slice,
+    slice_type,
+    synthetic_inventory,
+)
 from fleet.scheduler.memory import BaseSpec
 from fleet.scheduler.policy import PolicyConfig, advance_waiting, decay, plan
 from fleet.scheduler.result import REASONS, Pack, Plan

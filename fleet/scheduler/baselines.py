@@ -35,12 +35,18 @@ def round_robin_order(demand: Demand, c: Candidates, cfg: PolicyConfig):
     return _descending(since), np.ones(n, bool), np.zeros(n, bool), c.desired
 
 
-def plan_fifo(demand: Demand, inventory: Inventory, config: PolicyConfig | None = None, now: float = 0.0) -> Plan:
+def plan_fifo(
+    demand: Demand, inventory: Inventory, config: PolicyConfig | None = None, now: float = 0.0
+) -> Plan:
     return run_policy(demand, inventory, config or PolicyConfig(), now, order_fn=fifo_order, name="fifo")
 
 
-def plan_round_robin(demand: Demand, inventory: Inventory, config: PolicyConfig | None = None, now: float = 0.0) -> Plan:
-    return run_policy(demand, inventory, config or PolicyConfig(), now, order_fn=round_robin_order, name="round-robin")
+def plan_round_robin(
+    demand: Demand, inventory: Inventory, config: PolicyConfig | None = None, now: float = 0.0
+) -> Plan:
+    return run_policy(
+        demand, inventory, config or PolicyConfig(), now, order_fn=round_robin_order, name="round-robin"
+    )
 
 
 PlanFn = Callable[[Demand, Inventory, PolicyConfig | None, float], Plan]

@@ -16,7 +16,11 @@ SIM_POLICIES = ("fleet", "fifo", "round-robin")
 
 def register(app: typer.Typer) -> None:
     @app.command()
-    def schedule(json_out: bool = typer.Option(False, "--json", help="Print the plan as JSON (for `fleet train --pack-file`).")) -> None:
+    def schedule(
+        json_out: bool = typer.Option(
+            False, "--json", help="Print the plan as JSON (for `fleet train --pack-file`)."
+        ),
+    ) -> None:
         """Plan which models train next and pack them onto slices."""
         from fleet.scheduler.demand import load_demand
 
@@ -37,26 +41,46 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def simulate(
         models: int = typer.Option(100_000, "--models", min=2, help="Models in the synthetic fleet."),
-        slices: int = typer.Option(32, "--slices", min=1, help="Slices in the synthetic (mixed MIG/full) inventory."),
+        slices: int = typer.Option(
+            32, "--slices", min=1, help="Slices in the synthetic (mixed MIG/full) inventory."
+        ),
         hours: float = typer.Option(24.0, "--hours", min=0.01, help="Simulated hours."),
-        policy: str = typer.Option("all", "--policy", help="fleet, fifo, round-robin, or all (fleet and both baselines)."),
-        load: float = typer.Option(1.3, "--load", min=0.01, help="Offered load: arriving tokens over training capacity."),
+        policy: str = typer.Option(
+            "all", "--policy", help="fleet, fifo, round-robin, or all (fleet and both baselines)."
+        ),
+        load: float = typer.Option(
+            1.3, "--load", min=0.01, help="Offered load: arriving tokens over training capacity."
+        ),
         seed: int = typer.Option(0, "--seed", help="Seed of the synthetic fleet and its data arrival."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
         plot: str = typer.Option(None, "--plot", help="Write a PNG of freshness and utilization over time."),
     ) -> None:
         """Replay the scheduling policy over a synthetic fleet."""
-        run_simulation(models=models, slices=slices, hours=hours, policy=policy, load=load, seed=seed,
-                       json_out=json_out, plot=plot)
+        run_simulation(
+            models=models,
+            slices=slices,
+            hours=hours,
+            policy=policy,
+            load=load,
+            seed=seed,
+            json_out=json_out,
+            plot=plot,
+        )
 
 
-def plan_and_show(cfg: Any, demand: Any, *, json_out: bool, inventory: Any = None, now: float | None = None) -> Any:
+def plan_and_show(
+    cfg: Any, demand: Any, *, json_out: bool, inventory: Any = None, now: float | None = None
+) -> Any:
     """Plan ``demand`` with the configured policy and print it (a table, or JSON)."""
     from fleet.scheduler.policy import PolicyConfig, plan
 
     inventory = inventory if inventory is not None else inventory_for(cfg)
-    result = plan(demand, inventory, PolicyConfig.from_fleet_config(cfg, bases=base_specs(cfg, demand.base_names)),
-                  time.time() if now is None else now)
+    result = plan(
+        demand,
+        inventory,
+        PolicyConfig.from_fleet_config(cfg, bases=base_specs(cfg, demand.base_names)),
+        time.time() if now is None else now,
+    )
     show_plan(result, demand, json_out=json_out)
     return result
 
@@ -96,8 +120,17 @@ def base_specs(cfg: Any, names: Any) -> dict[str, Any]:
     return specs
 
 
-def run_simulation(*, models: int, slices: int, hours: float, policy: str, load: float, seed: int,
-                   json_out: bool, plot: str | None) -> list[Any]:
+def run_simulation(
+    *,
+    models: int,
+    slices: int,
+    hours: float,
+    policy: str,
+    load: float,
+    seed: int,
+    json_out: bool,
+    plot: str | None,
+) -> list[Any]:
     from fleet.errors import ValidationError
     from fleet.scheduler.policy import PolicyConfig
     from fleet.scheduler.simulate import SimConfig, plot_reports, simulate
@@ -107,8 +140,14 @@ def run_simulation(*, models: int, slices: int, hours: float, policy: str, load:
     if unknown:
         raise ValidationError(f"unknown policy {unknown[0]!r}; use one of {', '.join(SIM_POLICIES)} or all")
     cfg = common.config()
-    sim = SimConfig(models=models, slices=slices, hours=hours, load=load, seed=seed,
-                    policy=PolicyConfig.from_fleet_config(cfg))
+    sim = SimConfig(
+        models=models,
+        slices=slices,
+        hours=hours,
+        load=load,
+        seed=seed,
+        policy=PolicyConfig.from_fleet_config(cfg),
+    )
     reports = []
     for name in names:
         with common.err_console.status(f"simulating {name} …"):

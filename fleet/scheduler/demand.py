@@ -151,13 +151,28 @@ class Demand:
     # -- checks ---------------------------------------------------------------------------
     def _validate(self) -> None:
         n, c, t = self.n_models, self.n_companies, self.n_teams
-        for name in ("team", "tier", "pending_tokens", "since_last_s", "frozen", "base", "waiting_cycles",
-                     "pending_age_s", "model_usage_gpu_s", "rank", "weight"):
+        for name in (
+            "team",
+            "tier",
+            "pending_tokens",
+            "since_last_s",
+            "frozen",
+            "base",
+            "waiting_cycles",
+            "pending_age_s",
+            "model_usage_gpu_s",
+            "rank",
+            "weight",
+        ):
             if getattr(self, name).shape != (n,):
-                raise ValidationError(f"demand column {name} has shape {getattr(self, name).shape}; expected ({n},)")
+                raise ValidationError(
+                    f"demand column {name} has shape {getattr(self, name).shape}; expected ({n},)"
+                )
         for name in ("company_shares", "company_usage_gpu_s", "company_budget_gpu_s", "company_spent_gpu_s"):
             if getattr(self, name).shape != (c,):
-                raise ValidationError(f"demand column {name} has shape {getattr(self, name).shape}; expected ({c},) companies")
+                raise ValidationError(
+                    f"demand column {name} has shape {getattr(self, name).shape}; expected ({c},) companies"
+                )
         if self.team_shares.shape != (t,) or len(self.team_names) != t:
             raise ValidationError(f"team_shares and team_names must have one entry per team ({t})")
         if self.model_ids is not None and len(self.model_ids) != n:
@@ -170,24 +185,42 @@ class Demand:
             raise ValidationError(f"team_company index out of range [0, {c})")
         has_team = self.team >= 0
         if np.any(self.team_company[self.team[has_team]] != self.company[has_team]):
-            i = int(np.flatnonzero(has_team)[np.flatnonzero(self.team_company[self.team[has_team]] != self.company[has_team])[0]])
-            raise ValidationError(f"model {self.ids([i])[0]} belongs to company {self.company_names[self.company[i]]} "
-                                  f"but its team {self.team_names[self.team[i]]} to another company")
+            i = int(
+                np.flatnonzero(has_team)[
+                    np.flatnonzero(self.team_company[self.team[has_team]] != self.company[has_team])[0]
+                ]
+            )
+            raise ValidationError(
+                f"model {self.ids([i])[0]} belongs to company {self.company_names[self.company[i]]} "
+                f"but its team {self.team_names[self.team[i]]} to another company"
+            )
         if n and (self.tier.min() < 0 or self.tier.max() > 2):
             raise ValidationError("tier codes must be 0 (company), 1 (team) or 2 (individual)")
         if np.any(has_team != (self.tier > 0)):
-            raise ValidationError("company-level models (tier 0) have team -1; team and individual models name a team")
+            raise ValidationError(
+                "company-level models (tier 0) have team -1; team and individual models name a team"
+            )
         if n and (self.base.min() < 0 or self.base.max() >= len(self.base_names)):
             raise ValidationError(f"base index out of range [0, {len(self.base_names)})")
         self._non_negative("company_shares", self.company_shares, self.company_names)
         self._non_negative("team_shares", self.team_shares, self.team_names)
-        for name in ("pending_tokens", "since_last_s", "waiting_cycles", "pending_age_s", "model_usage_gpu_s",
-                     "company_usage_gpu_s", "company_budget_gpu_s", "company_spent_gpu_s"):
+        for name in (
+            "pending_tokens",
+            "since_last_s",
+            "waiting_cycles",
+            "pending_age_s",
+            "model_usage_gpu_s",
+            "company_usage_gpu_s",
+            "company_budget_gpu_s",
+            "company_spent_gpu_s",
+        ):
             arr = getattr(self, name)
             if arr.size and (np.isnan(arr).any() if arr.dtype.kind == "f" else False):
                 raise ValidationError(f"demand column {name} contains NaN")
             if arr.size and arr.min() < 0:
-                raise ValidationError(f"demand column {name} has a negative value ({arr.min()}); it must be ≥ 0")
+                raise ValidationError(
+                    f"demand column {name} has a negative value ({arr.min()}); it must be ≥ 0"
+                )
         if not np.all(np.isfinite(self.company_usage_gpu_s)) or not np.all(np.isfinite(self.company_shares)):
             raise ValidationError("company shares and usage must be finite")
         if n and (self.rank.min() < 1 or not np.all(self.weight > 0) or not np.all(np.isfinite(self.weight))):
@@ -198,7 +231,9 @@ class Demand:
         bad = np.flatnonzero(~(values >= 0))  # also catches NaN
         if bad.size:
             i = int(bad[0])
-            raise ValidationError(f"{what}: {names[i]} has share {values[i]}; shares must be ≥ 0 (0 = only idle capacity)")
+            raise ValidationError(
+                f"{what}: {names[i]} has share {values[i]}; shares must be ≥ 0 (0 = only idle capacity)"
+            )
 
     # -- builders -------------------------------------------------------------------------
     @classmethod
@@ -217,9 +252,24 @@ class Demand:
         ``companies``: id → {``share`` (1), ``budget_gpu_s_per_day`` (None: none),
         ``usage_gpu_s`` (0), ``spent_gpu_s`` (0)}; ``teams``: id → {``share`` (1)}.
         """
-        cols: dict[str, list[Any]] = {k: [] for k in (
-            "model_id", "company", "team", "tier", "base", "pending_tokens", "since_last_s", "frozen",
-            "waiting_cycles", "pending_age_s", "usage_gpu_s", "rank", "weight")}
+        cols: dict[str, list[Any]] = {
+            k: []
+            for k in (
+                "model_id",
+                "company",
+                "team",
+                "tier",
+                "base",
+                "pending_tokens",
+                "since_last_s",
+                "frozen",
+                "waiting_cycles",
+                "pending_age_s",
+                "usage_gpu_s",
+                "rank",
+                "weight",
+            )
+        }
         for rec in models:
             mid = ModelId(str(rec["model_id"]))
             segs = mid.segments
@@ -234,7 +284,10 @@ class Demand:
             since = rec.get("since_last_s")
             cols["since_last_s"].append(np.inf if since is None else float(since))
             drift = rec.get("drift_state")
-            cols["frozen"].append(bool(rec.get("frozen", False)) or str(getattr(drift, "value", drift)) == DriftState.FROZEN.value)
+            cols["frozen"].append(
+                bool(rec.get("frozen", False))
+                or str(getattr(drift, "value", drift)) == DriftState.FROZEN.value
+            )
             cols["waiting_cycles"].append(int(rec.get("waiting_cycles") or 0))
             cols["pending_age_s"].append(float(rec.get("pending_age_s") or 0.0))
             cols["usage_gpu_s"].append(float(rec.get("usage_gpu_s") or 0.0))
@@ -292,7 +345,9 @@ class Demand:
             team=team,
             tier=np.asarray(tiers, dtype=np.int8),
             pending_tokens=np.asarray(col("pending_tokens", 0), dtype=np.int64),
-            since_last_s=np.asarray([np.inf if v is None else v for v in col("since_last_s", None)], dtype=np.float64),
+            since_last_s=np.asarray(
+                [np.inf if v is None else v for v in col("since_last_s", None)], dtype=np.float64
+            ),
             frozen=np.asarray(col("frozen", False), dtype=bool),
             company_names=tuple(names),
             company_shares=company_field("share", 1.0),

@@ -27,12 +27,27 @@ models inside a team (or the company node) by their own virtual finish
 so within a team, models with more data, staler versions and longer waits go first, and
 no model's history is forgotten (u_i is its own decayed usage).
 
+**Age factor.** Fair share alone makes a company that sends more data than its share pays
+for wait ever longer under sustained overload. As in Slurm's multifactor priority, the
+global order is by P = F_c(i) + w_age·A_i with A_i = min(age of model i's oldest pending
+data / max_age, 1) (``age_weight``, ``max_age_s``): data that has waited long enough
+overtakes fresher data of companies below their share. w_age = 0 orders by fair share alone;
+the simulator shows the trade (fairness against tail freshness) as w_age varies.
+
+**Breadth.** Under overload no model takes more per run than lets all of its company's
+candidates run once within half the aging bound on the company's entitled capacity (its
+share of this cycle's GPU-seconds, water-filled against demand): a per-company water level
+q_c with Σ_{i∈c} min(d_i, q_c) ≤ ½·B·E_c. Fair share then rotates through a throttled
+company's backlog itself, instead of the aging rule having to force it.
+
 **Aging guarantee.** Each model with pending data has a deadline d_i = B − waiting_i
 (B = ``aging_bound_cycles``). With M models schedulable per cycle, the earliest-deadline
 rule must schedule now n = max(N(≤1), max_k [N(≤k) − (k−1)·M]) models (N(≤k): models due
 within k cycles), else some deadline is missed later even if every future cycle is full.
-Those n (earliest deadlines first) are *forced*: admitted before everything else and
-charged to their company like any other model.
+Those n (earliest deadlines first) are *forced*: admitted before everything else, with at
+most ``aging_member_tokens`` (guaranteed progress, not their whole backlog), and charged to
+their company like any other model. Budgets are hard: a forced model of a company beyond its
+budget is not admitted (reason ``budget``).
 
 Everything here is sorting on 16-bit digits (numpy's radix sort) and cumulative sums, so
 the order of 10⁶ models costs a few tens of milliseconds per level.
@@ -43,7 +58,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def stable_order(key: np.ndarray | None = None, group: np.ndarray | None = None, perm: np.ndarray | None = None) -> np.ndarray:
+def stable_order(
+    key: np.ndarray | None = None, group: np.ndarray | None = None, perm: np.ndarray | None = None
+) -> np.ndarray:
     """Indices sorting by (group, key), stable with respect to ``perm`` (default: index order).
 
     ``key`` must be ≥ 0 (compared as float32, ~7 significant digits; equal keys keep their

@@ -58,17 +58,31 @@ GPUS: dict[str, GpuModel] = {
         GpuModel("a10g", 24.0, 0.12, "A10G", ()),
         GpuModel("l4", 24.0, 0.12, "L4", ()),
         GpuModel("l40s", 48.0, 0.35, "L40S", ()),
-        GpuModel("a100-40gb", 40.0, 0.40, "A100", ("1g.5gb", "1g.10gb", "2g.10gb", "3g.20gb", "4g.20gb", "7g.40gb")),
+        GpuModel(
+            "a100-40gb", 40.0, 0.40, "A100", ("1g.5gb", "1g.10gb", "2g.10gb", "3g.20gb", "4g.20gb", "7g.40gb")
+        ),
         GpuModel("a100-80gb", 80.0, 0.40, "A100-80G", _MIG_80GB),
         GpuModel("h100-80gb", 80.0, 1.00, "H100", _MIG_80GB),
-        GpuModel("h200-141gb", 141.0, 1.10, "H200", ("1g.18gb", "1g.35gb", "2g.35gb", "3g.71gb", "4g.71gb", "7g.141gb")),
+        GpuModel(
+            "h200-141gb",
+            141.0,
+            1.10,
+            "H200",
+            ("1g.18gb", "1g.35gb", "2g.35gb", "3g.71gb", "4g.71gb", "7g.141gb"),
+        ),
     )
 }
 GPU_ALIASES = {"h100": "h100-80gb", "h200": "h200-141gb", "a100": "a100-40gb"}
 """Other spellings of a card (fleet.deploy's GPU names, Ray's labels), lower-cased."""
 RAY_TYPES: dict[str, str] = {
-    "A10G": "a10g", "L4": "l4", "L40S": "l40s", "A100": "a100-40gb", "A100-40G": "a100-40gb",
-    "A100-80G": "a100-80gb", "H100": "h100-80gb", "H200": "h200-141gb",
+    "A10G": "a10g",
+    "L4": "l4",
+    "L40S": "l40s",
+    "A100": "a100-40gb",
+    "A100-40G": "a100-40gb",
+    "A100-80G": "a100-80gb",
+    "H100": "h100-80gb",
+    "H200": "h200-141gb",
 }
 """Ray ``accelerator_type`` label → card. Plain ``A100`` (Ray's own label for both sizes) reads as 40 GB."""
 
@@ -123,7 +137,9 @@ def slice_type(
 ) -> SliceType:
     """Parse a profile (see the module docstring) into a :class:`SliceType`."""
     if not isinstance(profile, str) or not profile.strip():
-        raise ConfigError(f"slice profile must be a non-empty string, got {profile!r}; known: {_known_profiles()}")
+        raise ConfigError(
+            f"slice profile must be a non-empty string, got {profile!r}; known: {_known_profiles()}"
+        )
     p = profile.strip().lower()
     if ":" in p:
         qualifier, p = p.split(":", 1)
@@ -136,7 +152,9 @@ def slice_type(
         name = gpu.strip().lower()
         card = GPUS.get(GPU_ALIASES.get(name, name))
         if card is None:
-            raise ConfigError(f"unknown GPU {gpu!r} in slice profile {profile!r}; known GPUs: {', '.join(GPUS)}")
+            raise ConfigError(
+                f"unknown GPU {gpu!r} in slice profile {profile!r}; known GPUs: {', '.join(GPUS)}"
+            )
     for value, what in ((memory_gb, "memory_gb"), (speed, "speed"), (cpus, "cpus")):
         if value is not None and not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
             raise ConfigError(f"slice profile {profile!r}: {what} must be a positive number, got {value!r}")
@@ -144,7 +162,16 @@ def slice_type(
     if p == "cpu":
         if card is not None:
             raise ConfigError(f"slice profile {profile!r}: a cpu slice has no GPU")
-        return SliceType("cpu", "cpu", None, "cpu", memory_gb or CPU_DEFAULT_MEMORY_GB, speed or CPU_DEFAULT_SPEED, 0.0, cpus)
+        return SliceType(
+            "cpu",
+            "cpu",
+            None,
+            "cpu",
+            memory_gb or CPU_DEFAULT_MEMORY_GB,
+            speed or CPU_DEFAULT_SPEED,
+            0.0,
+            cpus,
+        )
     p = GPU_ALIASES.get(p, p)
     if p in GPUS or p == "full":
         if p in GPUS:
@@ -153,17 +180,26 @@ def slice_type(
             card = GPUS[p]
         if card is None:
             raise ConfigError(f"slice profile 'full' needs its card: set gpu to one of {', '.join(GPUS)}")
-        return SliceType(card.name, "gpu", card.name, "full", memory_gb or card.memory_gb, speed or card.speed, 1.0)
+        return SliceType(
+            card.name, "gpu", card.name, "full", memory_gb or card.memory_gb, speed or card.speed, 1.0
+        )
     m = _FRAC.fullmatch(p)
     if m:
         f = float(m.group(1))
         if not 0.0 < f < 1.0:
             raise ConfigError(f"slice profile {profile!r}: a fraction must lie strictly between 0 and 1")
         if card is None:
-            raise ConfigError(f"slice profile {profile!r} needs its card: set gpu to one of {', '.join(GPUS)}")
+            raise ConfigError(
+                f"slice profile {profile!r} needs its card: set gpu to one of {', '.join(GPUS)}"
+            )
         return SliceType(
-            f"{card.name}:frac-{f:g}", "frac", card.name, f"frac-{f:g}",
-            memory_gb or card.memory_gb * f, speed or card.speed * f, f,
+            f"{card.name}:frac-{f:g}",
+            "frac",
+            card.name,
+            f"frac-{f:g}",
+            memory_gb or card.memory_gb * f,
+            speed or card.speed * f,
+            f,
         )
     m = _MIG.fullmatch(p)
     if m:
@@ -171,12 +207,21 @@ def slice_type(
         if card is None:
             card = _mig_default(mig)
         if card is None or mig not in card.mig:
-            where = f"GPU {card.name!r} (its MIG profiles: {' '.join(card.mig) or 'none'})" if card else "any known GPU"
+            where = (
+                f"GPU {card.name!r} (its MIG profiles: {' '.join(card.mig) or 'none'})"
+                if card
+                else "any known GPU"
+            )
             raise ConfigError(f"unknown MIG profile {profile!r} for {where}")
         g = int(m.group(1))
         return SliceType(
-            f"{card.name}:{mig}", "mig", card.name, mig,
-            memory_gb or float(m.group(2)), speed or card.speed * g / 7.0, g / 7.0,
+            f"{card.name}:{mig}",
+            "mig",
+            card.name,
+            mig,
+            memory_gb or float(m.group(2)),
+            speed or card.speed * g / 7.0,
+            g / 7.0,
         )
     raise ConfigError(f"unknown slice profile {profile!r}; known: {_known_profiles()}")
 
@@ -246,7 +291,9 @@ class Inventory:
         return sum(g.count for g in self.groups)
 
     @classmethod
-    def from_entries(cls, entries: Iterable[Mapping[str, Any] | Any], *, cpus_per_slice: float = 1.0) -> Inventory:
+    def from_entries(
+        cls, entries: Iterable[Mapping[str, Any] | Any], *, cpus_per_slice: float = 1.0
+    ) -> Inventory:
         """From config-style entries: mappings or objects with ``profile``, ``count``, and optional
         ``gpu``, ``memory_gb``, ``speed``, ``node``."""
         groups = []
@@ -254,13 +301,19 @@ class Inventory:
             get = e.get if isinstance(e, Mapping) else (lambda k, d=None, e=e: getattr(e, k, d))
             try:
                 st = slice_type(
-                    get("profile"), gpu=get("gpu"), memory_gb=get("memory_gb"), speed=get("speed"), cpus=cpus_per_slice
+                    get("profile"),
+                    gpu=get("gpu"),
+                    memory_gb=get("memory_gb"),
+                    speed=get("speed"),
+                    cpus=cpus_per_slice,
                 )
             except ConfigError as exc:
                 raise ConfigError(f"scheduler.inventory[{i}]: {exc.message}") from None
             count = get("count", 1)
             if not isinstance(count, int) or count < 0:
-                raise ConfigError(f"scheduler.inventory[{i}]: count must be a non-negative integer, got {count!r}")
+                raise ConfigError(
+                    f"scheduler.inventory[{i}]: count must be a non-negative integer, got {count!r}"
+                )
             groups.append(SliceGroup(st, count, get("node")))
         return cls(tuple(groups))
 
@@ -308,7 +361,7 @@ def _table(inv: Inventory, reserve_fraction: float) -> SliceTable:
     for t in range(len(types)):
         rows = np.flatnonzero(tix == t)
         if take[t]:
-            reserved[rows[len(rows) - take[t]:]] = True
+            reserved[rows[len(rows) - take[t] :]] = True
     table = SliceTable(
         types=tuple(types),
         type_index=tix,

@@ -65,7 +65,9 @@ class BaseSpec:
 
     def __post_init__(self) -> None:
         if min(self.params, self.hidden, self.layers, self.vocab, self.lora_params_per_rank) <= 0:
-            raise ConfigError(f"base {self.name!r}: params, hidden, layers, vocab and adapter size must be positive")
+            raise ConfigError(
+                f"base {self.name!r}: params, hidden, layers, vocab and adapter size must be positive"
+            )
 
     @property
     def base_bytes(self) -> float:
@@ -98,14 +100,18 @@ class BaseSpec:
         }
         unknown = sorted(set(targets) - set(shapes))
         if unknown:
-            raise ConfigError(f"base {name!r}: unknown adapter target module(s) {unknown}; known: {sorted(shapes)}")
+            raise ConfigError(
+                f"base {name!r}: unknown adapter target module(s) {unknown}; known: {sorted(shapes)}"
+            )
         per_layer = sum(a * b for a, b in shapes.values()) + 2 * hidden
         params = layers * per_layer + vocab * hidden * (1 if tied_embeddings else 2) + hidden
         per_rank = layers * sum(sum(shapes[t]) for t in targets)
         return cls(name, float(params), hidden, layers, vocab, int(per_rank))
 
     @classmethod
-    def from_hf_config(cls, name: str, config: Mapping[str, object], targets: Sequence[str] = DEFAULT_TARGETS) -> BaseSpec:
+    def from_hf_config(
+        cls, name: str, config: Mapping[str, object], targets: Sequence[str] = DEFAULT_TARGETS
+    ) -> BaseSpec:
         """From a Hugging Face ``config.json`` of a Llama-family model."""
         try:
             hidden = int(config["hidden_size"])  # type: ignore[arg-type]
@@ -122,14 +128,26 @@ class BaseSpec:
                 targets=targets,
             )
         except KeyError as exc:
-            raise ConfigError(f"base {name!r}: config.json lacks {exc.args[0]!r}; is it a Llama-family model?") from None
+            raise ConfigError(
+                f"base {name!r}: config.json lacks {exc.args[0]!r}; is it a Llama-family model?"
+            ) from None
 
     @classmethod
     def preset(cls, kind: str, name: str | None = None) -> BaseSpec:
         """Known shapes: ``tiny`` (fleet's offline base), ``1b`` (Llama-3.2-1B), ``8b`` (Llama-3.1-8B)."""
         shapes = {
-            "tiny": dict(hidden=256, intermediate=688, layers=4, heads=4, kv_heads=4, vocab=260, tied_embeddings=False),
-            "1b": dict(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, vocab=128256, tied_embeddings=True),
+            "tiny": dict(
+                hidden=256, intermediate=688, layers=4, heads=4, kv_heads=4, vocab=260, tied_embeddings=False
+            ),
+            "1b": dict(
+                hidden=2048,
+                intermediate=8192,
+                layers=16,
+                heads=32,
+                kv_heads=8,
+                vocab=128256,
+                tied_embeddings=True,
+            ),
             "8b": dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=128256),
         }
         if kind not in shapes:
@@ -137,12 +155,17 @@ class BaseSpec:
         return cls.llama(name or kind, **shapes[kind])  # type: ignore[arg-type]
 
 
-def member_bytes(spec: BaseSpec, rank: np.ndarray, tier: np.ndarray, rows: int, context_length: int) -> np.ndarray:
+def member_bytes(
+    spec: BaseSpec, rank: np.ndarray, tier: np.ndarray, rows: int, context_length: int
+) -> np.ndarray:
     """Bytes one pack member needs next to the base (vectorized over members)."""
     adapter = rank.astype(np.float64) * spec.lora_params_per_rank
     states = TRAINED_ADAPTER_BYTES_PER_PARAM + ANCESTORS_BY_TIER[tier] * FROZEN_ADAPTER_BYTES_PER_PARAM
     tokens = rows * context_length
-    activations = tokens * (spec.hidden * spec.layers * ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER + spec.vocab * LOGIT_BYTES_PER_TOKEN_VOCAB)
+    activations = tokens * (
+        spec.hidden * spec.layers * ACTIVATION_BYTES_PER_TOKEN_HIDDEN_LAYER
+        + spec.vocab * LOGIT_BYTES_PER_TOKEN_VOCAB
+    )
     return adapter * states + activations
 
 
@@ -151,7 +174,9 @@ def usable_bytes(memory_gb: np.ndarray) -> np.ndarray:
     return np.asarray(memory_gb, dtype=np.float64) * 1e9 * (1.0 - MEMORY_HEADROOM) - PROCESS_OVERHEAD_BYTES
 
 
-def members_fit(memory_gb: np.ndarray, spec: BaseSpec, bytes_per_member: float, max_members: int) -> np.ndarray:
+def members_fit(
+    memory_gb: np.ndarray, spec: BaseSpec, bytes_per_member: float, max_members: int
+) -> np.ndarray:
     """How many members of ``bytes_per_member`` fit next to ``spec`` on each slice (0: the base does not fit)."""
     room = usable_bytes(memory_gb) - spec.base_bytes
     fit = np.floor(np.maximum(room, 0.0) / max(bytes_per_member, 1.0))

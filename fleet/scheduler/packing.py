@@ -37,7 +37,9 @@ class SliceState:
     clock: np.ndarray  # (S,) seconds already planned on the slice (updated)
 
     @classmethod
-    def fresh(cls, rows: np.ndarray, speed: np.ndarray, usable_bytes: np.ndarray, cycle_s: float) -> SliceState:
+    def fresh(
+        cls, rows: np.ndarray, speed: np.ndarray, usable_bytes: np.ndarray, cycle_s: float
+    ) -> SliceState:
         return cls(rows, speed, usable_bytes, speed * cycle_s, np.zeros(len(rows)))
 
 
@@ -109,7 +111,9 @@ def pack_base(
     members, desired, mem_bytes, priority = members[order], desired[order], mem_bytes[order], priority[order]
     cap = state.remaining * share
     fit_bytes = state.usable_bytes - base_bytes
-    m = np.clip(np.floor(np.maximum(fit_bytes, 0) / max(float(mem_bytes.max()), 1.0)), 0, params.max_pack_members).astype(np.int64)
+    m = np.clip(
+        np.floor(np.maximum(fit_bytes, 0) / max(float(mem_bytes.max()), 1.0)), 0, params.max_pack_members
+    ).astype(np.int64)
     ov = params.pack_overhead_s * state.speed  # GPU-s one pack's start-up costs on each slice
     min_gpu = params.min_member_tokens / tau
     usable = np.flatnonzero((m >= 1) & (cap > ov + min_gpu))
@@ -129,12 +133,22 @@ def pack_base(
             keep = np.sort(np.argsort(priority, kind="stable")[:k_fit])
             gone = np.setdiff1d(np.arange(len(members)), keep)
             dropped.append(members[gone])
-            members, desired, mem_bytes, priority = members[keep], desired[keep], mem_bytes[keep], priority[keep]
+            members, desired, mem_bytes, priority = (
+                members[keep],
+                desired[keep],
+                mem_bytes[keep],
+                priority[keep],
+            )
             if len(members) == 0:
                 return np.concatenate(dropped)
         desired = np.maximum(water_level(desired, (room - len(members) * ov_member) * tau), 1)
         order = np.lexsort((priority, -desired))
-        members, desired, mem_bytes, priority = members[order], desired[order], mem_bytes[order], priority[order]
+        members, desired, mem_bytes, priority = (
+            members[order],
+            desired[order],
+            mem_bytes[order],
+            priority[order],
+        )
     cost = desired / tau + ov_member
     mid = np.cumsum(cost) - cost / 2
     # With room to spare, lay the work out in proportion to the slices' capacity: every slice

@@ -11,7 +11,9 @@ One cycle's decision, in order:
 2. **Desired tokens** d_i = min(pending_i, ``max_member_tokens``): a large backlog is
    trained over several cycles; g_i = d_i / tokens_per_gpu_s GPU-seconds.
 3. **Order** (``fleet.scheduler.fairshare``): forced models (aging guarantee) first, then
-   hierarchical fair share with urgency; baselines (``fleet.scheduler.baselines``) plug in
+   hierarchical fair share (F = 2^(−U/S) after this plan's own allocations) with urgency
+   inside teams and an age factor across companies; under overload, budgets per run are cut
+   to a per-company breadth quantum. Baselines (``fleet.scheduler.baselines``) plug in
    another order through the same code.
 4. **Admission** against the training slices' GPU-seconds (``reserve_serving_fraction`` of
    the slices kept for serving): models within their company's budget, in order, while
@@ -96,12 +98,20 @@ class PolicyConfig:
     default_base: BaseSpec = field(default_factory=lambda: BaseSpec.preset("tiny", "default"))
 
     def __post_init__(self) -> None:
-        positive = ("cycle_s", "usage_half_life_s", "tokens_per_gpu_s", "urgency_tokens", "staleness_horizon_s")
+        positive = (
+            "cycle_s",
+            "usage_half_life_s",
+            "tokens_per_gpu_s",
+            "urgency_tokens",
+            "staleness_horizon_s",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"scheduler policy: {name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.reserve_serving_fraction < 1:
-            raise ConfigError(f"reserve_serving_fraction must lie in [0, 1), got {self.reserve_serving_fraction}")
+            raise ConfigError(
+                f"reserve_serving_fraction must lie in [0, 1), got {self.reserve_serving_fraction}"
+            )
         if self.aging_bound_cycles < 1 or self.max_pack_members < 1 or self.min_member_tokens < 1:
             raise ConfigError("aging_bound_cycles, max_pack_members and min_member_tokens must be ≥ 1")
         if self.pack_overhead_s < 0 or self.company_model_share < 0 or self.age_weight < 0:
@@ -111,8 +121,14 @@ class PolicyConfig:
         for name in ("max_member_tokens", "aging_member_tokens"):
             value = getattr(self, name)
             if value is not None and value < self.min_member_tokens:
-                raise ConfigError(f"{name} must be ≥ min_member_tokens ({self.min_member_tokens}), got {value}")
-        if min(self.tier_weight) <= 0 or min(self.tier_min_interval_s) < 0 or min(self.tier_min_pending_tokens) < 1:
+                raise ConfigError(
+                    f"{name} must be ≥ min_member_tokens ({self.min_member_tokens}), got {value}"
+                )
+        if (
+            min(self.tier_weight) <= 0
+            or min(self.tier_min_interval_s) < 0
+            or min(self.tier_min_pending_tokens) < 1
+        ):
             raise ConfigError("tier weights must be positive, intervals ≥ 0 and minimum pending tokens ≥ 1")
 
     @property
@@ -129,13 +145,17 @@ class PolicyConfig:
     def aging_cap(self) -> int:
         if self.aging_member_tokens is not None:
             return min(int(self.aging_member_tokens), self.member_cap)
-        return min(self.member_cap, max(self.min_member_tokens, int(self.tokens_per_gpu_s * self.cycle_s / 64)))
+        return min(
+            self.member_cap, max(self.min_member_tokens, int(self.tokens_per_gpu_s * self.cycle_s / 64))
+        )
 
     def base_spec(self, name: str) -> BaseSpec:
         return self.bases.get(name, self.default_base)
 
     @classmethod
-    def from_fleet_config(cls, cfg: Any, bases: Mapping[str, BaseSpec] | None = None, **overrides: Any) -> PolicyConfig:
+    def from_fleet_config(
+        cls, cfg: Any, bases: Mapping[str, BaseSpec] | None = None, **overrides: Any
+    ) -> PolicyConfig:
         """From a :class:`fleet.config.FleetConfig` (scheduler, tier, train and data sections)."""
         s = cfg.scheduler
         tiers = [cfg.tier(t) for t in ("company", "team", "individual")]
@@ -188,7 +208,9 @@ def plan(demand: Demand, inventory: Inventory, config: PolicyConfig | None = Non
     return run_policy(demand, inventory, config or PolicyConfig(), now, order_fn=fleet_order, name="fleet")
 
 
-def fleet_order(demand: Demand, c: Candidates, cfg: PolicyConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def fleet_order(
+    demand: Demand, c: Candidates, cfg: PolicyConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     i = c.idx
     forced = fairshare.aging_forced(demand.waiting_cycles[i], cfg.aging_bound_cycles, c.per_cycle)
     # Breadth under overload: within each company, no model takes more per run than lets all
@@ -205,21 +227,37 @@ def fleet_order(demand: Demand, c: Candidates, cfg: PolicyConfig) -> tuple[np.nd
     desired = np.where(forced, np.minimum(desired, cfg.aging_cap), desired)
     gpu_s = desired / cfg.tokens_per_gpu_s
     urg = fairshare.urgency(
-        np.asarray(cfg.tier_weight)[demand.tier[i]], demand.weight[i], demand.pending_tokens[i],
-        demand.since_last_s[i], demand.waiting_cycles[i] + demand.pending_age_s[i] / cfg.cycle_s, cfg.urgency_tokens, cfg.staleness_horizon_s,
+        np.asarray(cfg.tier_weight)[demand.tier[i]],
+        demand.weight[i],
+        demand.pending_tokens[i],
+        demand.since_last_s[i],
+        demand.waiting_cycles[i] + demand.pending_age_s[i] / cfg.cycle_s,
+        cfg.urgency_tokens,
+        cfg.staleness_horizon_s,
     )
     n_teams = demand.n_teams
     node_all = np.where(demand.team >= 0, demand.team, n_teams + demand.company)
-    node_usage = np.bincount(node_all, weights=demand.model_usage_gpu_s, minlength=n_teams + demand.n_companies)
+    node_usage = np.bincount(
+        node_all, weights=demand.model_usage_gpu_s, minlength=n_teams + demand.n_companies
+    )
     node_share = np.concatenate([demand.team_shares, np.full(demand.n_companies, cfg.company_model_share)])
     left = np.maximum(demand.company_budget_gpu_s - demand.company_spent_gpu_s, 0.0)
     order, in_budget = fairshare.fair_share_order(
-        company=c.company, node=c.node, gpu_s=gpu_s, model_usage=demand.model_usage_gpu_s[i], urgency_=urg,
-        forced=forced, node_usage=node_usage, node_share=node_share, company_usage=demand.company_usage_gpu_s,
-        company_share=demand.company_shares, company_budget_left=left,
+        company=c.company,
+        node=c.node,
+        gpu_s=gpu_s,
+        model_usage=demand.model_usage_gpu_s[i],
+        urgency_=urg,
+        forced=forced,
+        node_usage=node_usage,
+        node_share=node_share,
+        company_usage=demand.company_usage_gpu_s,
+        company_share=demand.company_shares,
+        company_budget_left=left,
         age=np.minimum(demand.pending_age_s[i] / cfg.age_horizon_s, 1.0),
         age_weight=cfg.age_weight,
-        level_ref=(float(demand.company_usage_gpu_s.sum()) + c.capacity_gpu_s) / max(float(demand.company_shares.sum()), 1e-300),
+        level_ref=(float(demand.company_usage_gpu_s.sum()) + c.capacity_gpu_s)
+        / max(float(demand.company_shares.sum()), 1e-300),
     )
     return order, in_budget, forced, desired
 
@@ -264,7 +302,9 @@ def run_policy(
     for b, spec in enumerate(specs):
         sel = base_c == b
         if sel.any():
-            mem[sel] = member_bytes(spec, demand.rank[idx[sel]], tier[idx[sel]], cfg.rows_per_member, cfg.context_length)
+            mem[sel] = member_bytes(
+                spec, demand.rank[idx[sel]], tier[idx[sel]], cfg.rows_per_member, cfg.context_length
+            )
     desired = np.clip(demand.pending_tokens[idx], 1, cfg.member_cap)
     gpu_s = desired / cfg.tokens_per_gpu_s
     node_all_c = np.where(demand.team[idx] >= 0, demand.team[idx], demand.n_teams + demand.company[idx])
@@ -274,7 +314,13 @@ def run_policy(
     fits = np.zeros((len(specs), len(train_rows)), dtype=np.int64)
     for b, spec in enumerate(specs):
         sel = base_c == b
-        typical = float(mem[sel].max()) if sel.any() else float(member_bytes(spec, np.array([8]), np.array([2]), cfg.rows_per_member, cfg.context_length)[0])
+        typical = (
+            float(mem[sel].max())
+            if sel.any()
+            else float(
+                member_bytes(spec, np.array([8]), np.array([2]), cfg.rows_per_member, cfg.context_length)[0]
+            )
+        )
         fits[b] = members_fit(table.memory_gb[train_rows], spec, typical, cfg.max_pack_members)
     share = _base_shares(fits, np.bincount(base_c, weights=gpu_s, minlength=len(specs)))
     per_cycle = _members_per_cycle(fits, speed, cfg)
@@ -284,7 +330,9 @@ def run_policy(
     gpu_s = desired / cfg.tokens_per_gpu_s
 
     # 3-5. admission and packing, in rounds
-    params = PackParams(cfg.tokens_per_gpu_s, cfg.pack_overhead_s, cfg.min_member_tokens, cfg.max_pack_members)
+    params = PackParams(
+        cfg.tokens_per_gpu_s, cfg.pack_overhead_s, cfg.min_member_tokens, cfg.max_pack_members
+    )
     ov_member = _overhead_per_member(fits, speed, cfg)
     cost_o = gpu_s[order] + ov_member[base_c[order]]
     base_o, forced_o = base_c[order], forced[order]
@@ -311,8 +359,18 @@ def run_policy(
             pos = np.flatnonzero(take)
             for b in np.unique(base_o[pos]).tolist():
                 mine = pos[base_o[pos] == b]
-                gone = pack_base(state, share[b], mine, desired[order[mine]], mem[order[mine]], mine, b,
-                                 float(base_bytes[b]), params, packs)
+                gone = pack_base(
+                    state,
+                    share[b],
+                    mine,
+                    desired[order[mine]],
+                    mem[order[mine]],
+                    mine,
+                    b,
+                    float(base_bytes[b]),
+                    params,
+                    packs,
+                )
                 dropped[gone] = True
 
     rounds(in_budget, force=True)
@@ -378,8 +436,16 @@ def _reason_counts(reason: np.ndarray) -> dict[str, int]:
     return {REASONS[i]: int(counts[i]) for i in range(1, len(REASONS))}
 
 
-def _arrays(packs: PackList, order: np.ndarray, idx: np.ndarray, forced: np.ndarray, reason: np.ndarray,
-            demand: Demand, state: SliceState, cfg: PolicyConfig) -> PlanArrays:
+def _arrays(
+    packs: PackList,
+    order: np.ndarray,
+    idx: np.ndarray,
+    forced: np.ndarray,
+    reason: np.ndarray,
+    demand: Demand,
+    state: SliceState,
+    cfg: PolicyConfig,
+) -> PlanArrays:
     if packs.members:
         pos = np.concatenate(packs.members)
         budgets = np.concatenate(packs.budgets).astype(np.int64)
@@ -388,8 +454,9 @@ def _arrays(packs: PackList, order: np.ndarray, idx: np.ndarray, forced: np.ndar
         pos, budgets, sizes = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     cand = order[pos]
     member_index = idx[cand].astype(np.int64)
-    company_gpu_s = np.bincount(demand.company[member_index], weights=budgets / cfg.tokens_per_gpu_s,
-                                minlength=demand.n_companies)
+    company_gpu_s = np.bincount(
+        demand.company[member_index], weights=budgets / cfg.tokens_per_gpu_s, minlength=demand.n_companies
+    )
     return PlanArrays(
         reason=reason,
         member_index=member_index,

@@ -44,13 +44,17 @@ def inventory_from_nodes(nodes: Iterable[Mapping[str, Any]], *, cpus_per_slice: 
         res: Mapping[str, float] = node.get("Resources") or {}
         node_id = str(node.get("NodeID") or node.get("NodeManagerAddress") or "")
         card, labels = _card(res)
-        declared = {k[len(SLICE_RESOURCE_PREFIX):]: v for k, v in res.items() if k.startswith(SLICE_RESOURCE_PREFIX)}
+        declared = {
+            k[len(SLICE_RESOURCE_PREFIX) :]: v for k, v in res.items() if k.startswith(SLICE_RESOURCE_PREFIX)
+        }
         if declared:
             for profile, count in sorted(declared.items()):
                 try:
                     st = slice_type(profile, gpu=card)
                 except ConfigError as exc:
-                    raise ConfigError(f"Ray node {node_id}: resource {SLICE_RESOURCE_PREFIX}{profile}: {exc.message}") from None
+                    raise ConfigError(
+                        f"Ray node {node_id}: resource {SLICE_RESOURCE_PREFIX}{profile}: {exc.message}"
+                    ) from None
                 gpu_groups.append(SliceGroup(st, int(math.floor(count)), node_id))
             continue
         gpus = int(math.floor(res.get("GPU", 0.0)))

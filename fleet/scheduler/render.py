@@ -20,14 +20,22 @@ def _minutes(seconds: float) -> str:
     return "–" if not np.isfinite(seconds) else f"{seconds / 60:.0f}"
 
 
-def plan_tables(plan: Plan, demand: Demand | None = None, *, max_packs: int = 20, max_companies: int = 10) -> Group:
+def plan_tables(
+    plan: Plan, demand: Demand | None = None, *, max_packs: int = 20, max_companies: int = 10
+) -> Group:
     s = plan.summary
     head = Table(title=f"plan ({plan.policy})", show_header=False)
     head.add_column("figure")
     head.add_column("value", justify="right")
-    for key, label in (("models", "models"), ("eligible", "eligible"), ("scheduled", "scheduled"),
-                       ("forced", "scheduled by the aging guarantee"), ("packs", "packs"),
-                       ("training_slices", "training slices"), ("reserved_slices", "slices reserved for serving")):
+    for key, label in (
+        ("models", "models"),
+        ("eligible", "eligible"),
+        ("scheduled", "scheduled"),
+        ("forced", "scheduled by the aging guarantee"),
+        ("packs", "packs"),
+        ("training_slices", "training slices"),
+        ("reserved_slices", "slices reserved for serving"),
+    ):
         if key in s:
             head.add_row(label, f"{int(s[key]):,}")
     if "capacity_gpu_s" in s:
@@ -45,9 +53,16 @@ def plan_tables(plan: Plan, demand: Demand | None = None, *, max_packs: int = 20
     packs.add_column("first member", no_wrap=True, overflow="ellipsis", max_width=24)
     for p in plan.packs[:max_packs]:
         b = p.token_budgets
-        packs.add_row(p.slice_profile, p.node_hint or "–", p.base, str(len(p.members)),
-                      f"{min(b):,}–{max(b):,}" if min(b) != max(b) else f"{b[0]:,}",
-                      f"{p.start_s:.0f}", f"{p.est_seconds:.0f}", p.members[0])
+        packs.add_row(
+            p.slice_profile,
+            p.node_hint or "–",
+            p.base,
+            str(len(p.members)),
+            f"{min(b):,}–{max(b):,}" if min(b) != max(b) else f"{b[0]:,}",
+            f"{p.start_s:.0f}",
+            f"{p.est_seconds:.0f}",
+            p.members[0],
+        )
     if len(plan.packs) > max_packs:
         packs.caption = f"… and {len(plan.packs) - max_packs:,} more packs (use --json for all)"
 
@@ -85,8 +100,10 @@ def print_plan(plan: Plan, demand: Demand | None = None, console: Console | None
 
 def sim_table(reports: Sequence[SimReport]) -> Table:
     r0 = reports[0]
-    t = Table(title=f"simulated {r0.hours:g} h: {r0.models:,} models, {r0.slices} slices, offered load {r0.load:g}",
-              caption="freshness: data arrival → in an active version, p50 / p99, minutes")
+    t = Table(
+        title=f"simulated {r0.hours:g} h: {r0.models:,} models, {r0.slices} slices, offered load {r0.load:g}",
+        caption="freshness: data arrival → in an active version, p50 / p99, minutes",
+    )
     t.add_column("policy", no_wrap=True)
     t.add_column("util", justify="right", no_wrap=True)
     t.add_column("Jain", justify="right", no_wrap=True)
@@ -94,6 +111,9 @@ def sim_table(reports: Sequence[SimReport]) -> Table:
     for tier in ("company", "team", "individual"):
         t.add_column(tier, justify="right", no_wrap=True)
     for r in reports:
-        fresh = [f"{_minutes(r.freshness_s[k]['p50'])} / {_minutes(r.freshness_s[k]['p99'])}" for k in ("company", "team", "individual")]
+        fresh = [
+            f"{_minutes(r.freshness_s[k]['p50'])} / {_minutes(r.freshness_s[k]['p99'])}"
+            for k in ("company", "team", "individual")
+        ]
         t.add_row(r.policy, f"{100 * r.utilization:.1f}%", f"{r.jain:.3f}", f"{r.starved:,}", *fresh)
     return t

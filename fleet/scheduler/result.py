@@ -140,8 +140,18 @@ class _LazyPacks(Sequence[Pack]):
             lo, hi = int(a.pack_offsets[p]), int(a.pack_offsets[p + 1])
             s = int(a.pack_slice[p])
             st = t.types[int(t.type_index[s])]
-            out.append(Pack(st.name, t.node[s], d.base_names[int(a.pack_base[p])], names[lo:hi], budgets[lo:hi],
-                            st.resources, float(a.pack_start_s[p]), float(a.pack_seconds[p])))
+            out.append(
+                Pack(
+                    st.name,
+                    t.node[s],
+                    d.base_names[int(a.pack_base[p])],
+                    names[lo:hi],
+                    budgets[lo:hi],
+                    st.resources,
+                    float(a.pack_start_s[p]),
+                    float(a.pack_seconds[p]),
+                )
+            )
         return out
 
     def __getitem__(self, i):  # type: ignore[override]
@@ -211,7 +221,9 @@ class Plan:
             "packs": [p.to_dict() for p in self.packs],
             "unscheduled": dict(self.unscheduled) if include_unscheduled else {},
             "company_gpu_s": {k: round(float(v), 3) for k, v in self.company_gpu_s.items()},
-            "summary": {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in self.summary.items()},
+            "summary": {
+                k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in self.summary.items()
+            },
         }
 
     def to_json(self, *, indent: int | None = 2, include_unscheduled: bool = True) -> str:
@@ -221,14 +233,18 @@ class Plan:
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
         if not isinstance(d, Mapping) or d.get("format") != FORMAT:
             got = d.get("format") if isinstance(d, Mapping) else type(d).__name__
-            raise ValidationError(f"not a fleet plan: format is {got!r}, expected {FORMAT!r} (from `fleet schedule --json`)")
+            raise ValidationError(
+                f"not a fleet plan: format is {got!r}, expected {FORMAT!r} (from `fleet schedule --json`)"
+            )
         packs = d.get("packs")
         if not isinstance(packs, list):
             raise ValidationError("plan: 'packs' must be a list")
         unscheduled = {str(k): str(v) for k, v in dict(d.get("unscheduled") or {}).items()}
         bad = sorted({v for v in unscheduled.values() if v not in UNSCHEDULED_REASONS})
         if bad:
-            raise ValidationError(f"plan: unknown unscheduled reason(s) {bad}; reasons are {list(UNSCHEDULED_REASONS)}")
+            raise ValidationError(
+                f"plan: unknown unscheduled reason(s) {bad}; reasons are {list(UNSCHEDULED_REASONS)}"
+            )
         return cls(
             policy=str(d.get("policy", "fleet")),
             created_at=float(d.get("created_at", 0.0)),

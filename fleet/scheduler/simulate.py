@@ -85,7 +85,11 @@ def simulate(
 ) -> SimReport:
     cfg = config or SimConfig()
     plan_fn = policy_named(policy)
-    pcfg = cfg.policy if cfg.base is None else replace(cfg.policy, default_base=BaseSpec.preset(cfg.base, "default"))
+    pcfg = (
+        cfg.policy
+        if cfg.base is None
+        else replace(cfg.policy, default_base=BaseSpec.preset(cfg.base, "default"))
+    )
     inv = synthetic_inventory(cfg.slices)
     table = inv.table(pcfg.reserve_serving_fraction)
     cycle, tau = pcfg.cycle_s, pcfg.tokens_per_gpu_s
@@ -114,8 +118,18 @@ def simulate(
     ev_end = np.zeros(0, np.int64)
     done_lat: list[np.ndarray] = []
     done_tier: list[np.ndarray] = []
-    series: dict[str, list[float]] = {k: [] for k in ("hour", "utilization", "fresh_p50_s", "fresh_p99_s",
-                                                      "individual_p99_s", "backlog_tokens", "scheduled")}
+    series: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "hour",
+            "utilization",
+            "fresh_p50_s",
+            "fresh_p99_s",
+            "individual_p99_s",
+            "backlog_tokens",
+            "scheduled",
+        )
+    }
     start = time.perf_counter()
     for k in range(cycles):
         now = k * cycle
@@ -221,7 +235,9 @@ def plot_reports(reports: Sequence[SimReport], path: str) -> str:
         color = f"C{i}"
         h = np.asarray(r.series["hour"])
         ax_f.plot(h, np.asarray(r.series["fresh_p50_s"]) / 60.0, color=color, ls="-", label=f"{r.policy} p50")
-        ax_f.plot(h, np.asarray(r.series["fresh_p99_s"]) / 60.0, color=color, ls="--", label=f"{r.policy} p99")
+        ax_f.plot(
+            h, np.asarray(r.series["fresh_p99_s"]) / 60.0, color=color, ls="--", label=f"{r.policy} p99"
+        )
         ax_u.plot(h, 100.0 * np.asarray(r.series["utilization"]), color=color, label=r.policy)
     ax_f.set_ylabel("freshness (min)")
     ax_f.set_yscale("log")

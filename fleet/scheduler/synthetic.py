@@ -58,7 +58,9 @@ class SyntheticFleet:
 
     def calibrated(self, tokens_per_cycle: float) -> SyntheticFleet:
         """The same fleet with arrival sizes scaled to ``tokens_per_cycle`` expected tokens."""
-        return replace(self, token_scale=self.token_scale * (tokens_per_cycle / self.expected_tokens_per_cycle()))
+        return replace(
+            self, token_scale=self.token_scale * (tokens_per_cycle / self.expected_tokens_per_cycle())
+        )
 
     def arrivals(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One cycle of data arrival: (model indices, tokens each)."""
