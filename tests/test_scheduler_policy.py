@@ -445,3 +445,21 @@ def test_memory_model_limits_pack_size():
     )
     assert none.summary["scheduled"] == 0 and set(none.unscheduled.values()) == {"capacity"}
     assert REASONS[CAPACITY] == "capacity"
+
+
+def test_zero_share_company_uses_idle_capacity_in_full():
+    n = 10
+    d = Demand(
+        company=np.zeros(n, np.int32),
+        team=np.full(n, -1, np.int32),
+        tier=np.zeros(n, np.int8),
+        pending_tokens=np.full(n, 100_000),
+        since_last_s=np.full(n, np.inf),
+        frozen=np.zeros(n, bool),
+        company_names=["free", "paying"],
+        company_shares=np.array([0.0, 1.0]),
+    )
+    p = plan(
+        d, Inventory((SliceGroup(slice_type("h100-80gb"), 1),)), PolicyConfig(reserve_serving_fraction=0.0)
+    )
+    assert p.summary["scheduled"] == n and np.all(p.arrays.member_budget == 100_000)

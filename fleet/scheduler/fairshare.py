@@ -22,10 +22,11 @@ models inside a team (or the company node) by their own virtual finish
     k(i) = (u_i + g_i) / (w_tier · w_i · urgency_i)
     urgency_i = (1 + log2(1 + pending_i / urgency_tokens))
               · (1 + min(since_last_i, H) / H)            H = staleness_horizon_s
-              · (1 + waiting_i)                           gradual aging
+              · (1 + waiting_i + age_i / cycle_s)         gradual aging
 
-so within a team, models with more data, staler versions and longer waits go first, and
-no model's history is forgotten (u_i is its own decayed usage).
+(waiting_i: cycles passed over; age_i: age of its oldest pending data), so within a team,
+models with more data, staler versions and older data go first, and no model's history
+is forgotten (u_i is its own decayed usage).
 
 **Age factor.** Fair share alone makes a company that sends more data than its share pays
 for wait ever longer under sustained overload. As in Slurm's multifactor priority, the

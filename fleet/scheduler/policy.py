@@ -221,6 +221,9 @@ def fleet_order(
     cap_tokens = c.capacity_gpu_s * cfg.tokens_per_gpu_s
     wanted = np.bincount(c.company, weights=c.desired, minlength=demand.n_companies)
     entitled = water_fill(cap_tokens, demand.company_shares, wanted)
+    spare = cap_tokens - float(entitled.sum())
+    if spare > 0:  # what share-holders leave idle is anyone's, zero-share companies included
+        entitled += water_fill(spare, np.ones(len(wanted)), wanted - entitled)
     quantum = fairshare.group_water_level(c.desired, c.company, 0.5 * cfg.aging_bound_cycles * entitled)
     desired = np.minimum(c.desired, np.maximum(quantum[c.company], cfg.min_member_tokens)).astype(np.int64)
     # a forced model was passed over by fair share: it gets guaranteed progress, not its backlog

@@ -6,9 +6,14 @@
 - Shares are seat-based: a company's share is its seats times a plan level drawn from
   {1, 2, 4, 8}; a team's share within its company is its seats.
 - Data arrival is heavy-tailed: per cycle a model receives new data with probability
-  p_i = rate_tier × I_company × LogNormal(0, 0.75) (I_company ~ LogNormal(0, 1): some
-  companies feed far more data than others, whatever their share), and an arrival carries
-  scale_i × (1 + Lomax(α = 1.5)) tokens (mean 3·scale_i, infinite variance).
+  p_i = rate_tier × I_company × LogNormal(0, 0.75), with I_company = plan level ×
+  LogNormal(0, ``intensity_sigma``): companies on bigger plans send more data, but not in
+  proportion, so some send more than their share pays for; an arrival carries
+  scale_tier × LogNormal(0, 0.5) × (1 + Lomax(α = 1.5)) tokens (infinite variance). Tier
+  rates are 3 : 2 : 1 and tier scales 50 : 10 : 1 (company documents are large and frequent,
+  an individual's conversations small).
+- ``calibrated(tokens)`` rescales all arrival sizes to an expected total per cycle (the
+  simulator's offered load).
 """
 
 from __future__ import annotations
