@@ -166,6 +166,56 @@ def load_store(n: int, template: AdapterWeights) -> dict:
         return {"load_1000_adapters_s": seconds, "load_adapters_n": n}
 
 
+def peft_with_adapters(plain, adapters: list[AdapterWeights], n_official: int = 16):
+    """A PeftModel holding every adapter, for PEFT's mixed-batch (``adapter_names``) decode.
+
+    The first ``n_official`` go through ``load_adapter`` and are timed. That call walks every module
+    of the growing model (O(n) each, O(n²) in all: 51 s for 256 where the issue measured it, 387 s
+    here under load), so the rest are added through each LoRA layer's ``update_layer``, which is
+    where PEFT's loader ends up, and the result is checked against the engine before timing.
+    """
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        for i, a in enumerate(adapters[:n_official]):
+            a.to_peft_dir(f"{tmp}/a{i}")
+            if i == 0:
+                pm = PeftModel.from_pretrained(copy.deepcopy(plain), f"{tmp}/a0", adapter_name="a0")
+            else:
+                pm.load_adapter(f"{tmp}/a{i}", adapter_name=f"a{i}")
+        official_s = time.perf_counter() - t
+    layers = {
+        n.removeprefix("base_model.model."): m for n, m in pm.named_modules() if isinstance(m, LoraLayer)
+    }
+    for i in range(n_official, len(adapters)):
+        a = adapters[i]
+        config = LoraConfig(
+            r=a.rank, lora_alpha=a.alpha, target_modules=a.target_modules, init_lora_weights=False
+        )
+        pm.peft_config[f"a{i}"] = config
+        for name, (A, B) in a.modules().items():
+            layer = layers[name]
+            layer.update_layer(f"a{i}", a.rank, a.alpha, config=config)
+            with torch.no_grad():
+                layer.lora_A[f"a{i}"].weight.copy_(A)
+                layer.lora_B[f"a{i}"].weight.copy_(B)
+    return pm.eval(), official_s, min(n_official, len(adapters))
+
+
+def check_peft_matches_engine(pm, engine: LoraEngine, ids: torch.Tensor, n: int) -> None:
+    """Rows spread over the PEFT adapters (both loading paths) agree with the engine's output."""
+    picks = [round(i * (n - 1) / (len(ids) - 1)) for i in range(len(ids))]
+    with torch.inference_mode():
+        ref = pm(input_ids=ids, adapter_names=[f"a{i}" for i in picks]).logits
+        with engine.rows([[engine.slot(f"a{i}")] for i in picks]):
+            out = engine.model(input_ids=ids).logits
+    err = float((out - ref).abs().max() / ref.abs().max())
+    if err > 1e-5:
+        raise RuntimeError(f"PEFT baseline disagrees with the engine (relative error {err:.1e})")
+
+
 def ratios(d: dict, p: dict, pre: dict) -> dict[str, float]:
     """The issue's four speed ratios from per-step times (one clock: wall or CPU)."""
     base_decode = min(d["hf_base"], d["fleet_base"])
@@ -221,15 +271,8 @@ def main() -> None:
 
     n_peft = min(args.peft_adapters, DECODE_B)
     console.print(f"PEFT: adding {n_peft} adapters ...")
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        for i in range(n_peft):
-            adapters[i].to_peft_dir(f"{tmp}/a{i}")
-            if i == 0:
-                pm = PeftModel.from_pretrained(copy.deepcopy(plain), f"{tmp}/a0", adapter_name="a0").eval()
-            else:
-                pm.load_adapter(f"{tmp}/a{i}", adapter_name=f"a{i}")
-        peft_load_s = time.perf_counter() - t
+    pm, peft_load_s, n_official = peft_with_adapters(plain, adapters[:n_peft])
+    check_peft_matches_engine(pm, engine, ids[:8, :4], n_peft)
     names = [f"a{i % n_peft}" for i in range(DECODE_B)]
     peft_decode = HFDecode(pm, ids, adapter_names=names)
     p, p_cpu = rounds(
@@ -257,7 +300,7 @@ def main() -> None:
         **ratios(d, p, pre),
         "load_1000_adapters_s": load["load_1000_adapters_s"],
         "peft_adapters": n_peft,
-        "peft_add_adapters_s": peft_load_s,
+        "peft_load_adapter_s": {"adapters": n_official, "seconds": peft_load_s},
         "decode_tokens_per_s": {
             **{k: tok(v, DECODE_B) for k, v in d.items()},
             "peft_distinct": tok(p["peft_distinct"], DECODE_B),
@@ -305,7 +348,7 @@ def main() -> None:
     table.add_row(
         "load 1,000 adapters (read+sha256+slot)", f"{results['load_1000_adapters_s']:.2f} s", "", "≤ 5 s"
     )
-    table.add_row(f"PEFT: add {n_peft} adapters", f"{peft_load_s:.1f} s", "", "")
+    table.add_row(f"PEFT: load_adapter × {n_official}", f"{peft_load_s:.1f} s", "", "")
     for name, tps in results["decode_tokens_per_s"].items():
         table.add_row(f"decode tokens/s: {name}", f"{tps:,.0f}", "", "")
     for name, tps in results["prefill_tokens_per_s"].items():

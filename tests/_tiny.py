@@ -41,3 +41,55 @@ def tiny_llama(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model.to(dtype).eval()
+
+
+def random_lora(
+    model: torch.nn.Module,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    use_rslora: bool = False,
+    seed: int = 0,
+    std: float = 0.05,
+    target_modules: tuple[str, ...] | None = None,
+):
+    """A PEFT-format LoRA with random A and B (a freshly initialised one has B = 0 and changes nothing)."""
+    from fleet.lora import DEFAULT_TARGET_MODULES, AdapterWeights
+
+    fresh = AdapterWeights.fresh(
+        model,
+        rank=rank,
+        alpha=float(alpha if alpha is not None else 2 * rank),
+        target_modules=target_modules or DEFAULT_TARGET_MODULES,
+        use_rslora=use_rslora,
+        seed=seed,
+    )
+    g = torch.Generator().manual_seed(10_000 + seed)
+    tensors = {k: torch.randn(v.shape, generator=g) * std for k, v in fresh.tensors.items()}
+    return AdapterWeights(rank, fresh.alpha, use_rslora, fresh.target_modules, tensors)
+
+
+class CharTokenizer:
+    """A byte-per-token stand-in tokenizer (ids 3.. map to printable characters), enough for stop strings."""
+
+    eos_token_id = 2
+
+    def encode(self, text: str) -> list[int]:
+        return [3 + (ord(c) - 32) % 90 for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(chr(32 + (int(i) - 3) % 90) if int(i) >= 3 else "" for i in ids)
+
+
+def one_thread():
+    """Generator for an autouse fixture: tiny-model tests run single-threaded, then restore the setting.
+
+    Tiny matmuls gain nothing from a second thread, and on a shared machine a 2-thread OpenMP
+    region stalls whenever another process holds the other core (milliseconds per op).
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -50,11 +50,11 @@ _EXPORTS = {
     "AdapterWeights": "fleet.lora.adapter",
     "LoraEngine": "fleet.lora.engine",
     "SlotAdamW": "fleet.lora.optim",
-    "DecodeBatch": "fleet.lora.generate",
-    "Generation": "fleet.lora.generate",
-    "StepOutput": "fleet.lora.generate",
-    "generate": "fleet.lora.generate",
-    "prompt_logprobs": "fleet.lora.generate",
+    "DecodeBatch": "fleet.lora.generation",
+    "Generation": "fleet.lora.generation",
+    "StepOutput": "fleet.lora.generation",
+    "generate": "fleet.lora.generation",
+    "prompt_logprobs": "fleet.lora.generation",
 }
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -71,7 +71,7 @@ __all__ = [
 if TYPE_CHECKING:
     from fleet.lora.adapter import DEFAULT_TARGET_MODULES, AdapterWeights
     from fleet.lora.engine import LoraEngine
-    from fleet.lora.generate import DecodeBatch, Generation, StepOutput, generate, prompt_logprobs
+    from fleet.lora.generation import DecodeBatch, Generation, StepOutput, generate, prompt_logprobs
     from fleet.lora.optim import SlotAdamW
 
 

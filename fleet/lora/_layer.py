@@ -171,9 +171,10 @@ class SlotLinear(nn.Module):
     def write(self, pool_index: int, A_rD: torch.Tensor, B_Or: torch.Tensor) -> None:
         r = A_rD.shape[0]
         self.At_SDR[pool_index, :, :r].copy_(A_rD.t())
-        self.At_SDR[pool_index, :, r:].zero_()
         self.Bt_SRO[pool_index, :r].copy_(B_Or.t())
-        self.Bt_SRO[pool_index, r:].zero_()
+        if r < self.max_rank:  # zero padding: exact, and it stays zero under training
+            self.At_SDR[pool_index, :, r:].zero_()
+            self.Bt_SRO[pool_index, r:].zero_()
 
     @torch.no_grad()
     def clear(self, pool_index: int) -> None:

@@ -100,11 +100,13 @@ class AdapterWeights:
         return {k: (v[0], v[1]) for k, v in out.items()}
 
     def _check_tensors(self) -> None:
+        foreign = [name for name in self.tensors if _TENSOR_NAME.match(name) is None]
+        if foreign:  # name the most telling one: a DoRA vector says more than a saved base weight
+            raise _tensor_refusal(min(foreign, key=_refusal_rank))
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for name, t in self.tensors.items():
             m = _TENSOR_NAME.match(name)
-            if m is None:
-                raise _tensor_refusal(name)
+            assert m is not None
             if t.dim() != 2:
                 raise _refuse(
                     f"tensor {name} has shape {tuple(t.shape)}", "only nn.Linear targets (2-D A and B)"
@@ -289,6 +291,13 @@ def linear_modules(model: nn.Module, target_modules: Iterable[str]) -> list[tupl
 def _module_suffix(tensor_name: str) -> str:
     m = _TENSOR_NAME.match(tensor_name)
     return m["module"].rsplit(".", 1)[-1] if m else ""
+
+
+_TELLING = ("lora_magnitude_vector", "lora_embedding", "modules_to_save", ".bias")
+
+
+def _refusal_rank(name: str) -> int:
+    return next((i for i, marker in enumerate(_TELLING) if marker in name), len(_TELLING))
 
 
 def _tensor_refusal(name: str) -> UnsupportedAdapterError:
