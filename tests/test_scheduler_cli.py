@@ -80,12 +80,26 @@ def test_base_specs_reads_the_base_config(cfg):
     assert base_specs(cfg, ["default"])["default"].hidden == 64
 
 
-def test_schedule_and_cycle_say_what_is_missing(cfg, capsys):
-    assert main(["schedule"]) == 4
-    assert "demand query is not built yet" in capsys.readouterr().err
-    assert main(["cycle"]) == 4
-    err = capsys.readouterr().err
-    assert "training" in err and "entry point" in err
+def test_schedule_reads_demand_from_the_registry(cfg, capsys):
+    """`fleet schedule --json` plans the registry's models: those with pending data are packed."""
+    from fleet.registry import NewItem, Registry
+
+    reg = Registry.open(cfg)
+    reg.add_tenants(
+        [("acme", 2.0), ("acme/search", 1.0), ("acme/search/dana", 1.0), ("acme/search/li", 1.0), ("beta", 1.0)],
+        base_model=cfg.base.name,
+        rank=8,
+        alpha=16,
+    )
+    for i, mid in enumerate(["acme/search/dana", "acme/search/li", "beta"]):
+        reg.add_items({mid: [NewItem("document", f"text {i}", 4000, f"{i:064x}")]})
+    reg.close()
+    assert main(["schedule", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    members = sorted(m for p in doc["packs"] for m in p["members"])
+    assert members == ["acme/search/dana", "acme/search/li", "beta"]
+    assert doc["unscheduled"] == {"acme": "no data", "acme/search": "no data"}
+    assert all(p["base"] == cfg.base.name for p in doc["packs"])
 
 
 def test_simulate_json_and_plot(cfg, tmp_path, capsys):

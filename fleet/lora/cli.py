@@ -13,7 +13,11 @@ def register(app: typer.Typer) -> None:
     @adapters.command("import")
     def import_(model_id: str, peft_dir: str) -> None:
         """Publish a PEFT LoRA directory as MODEL_ID's new active version."""
-        common.not_built("fleet adapters import")
+        from fleet.context import Fleet
+        from fleet.lora.interop import import_peft
+
+        v = import_peft(Fleet(common.config()), model_id, peft_dir)
+        common.console.print(f"imported {peft_dir} as {v.key} (rank {v.rank}), now active")
 
     @adapters.command("export")
     def export(
@@ -21,8 +25,12 @@ def register(app: typer.Typer) -> None:
         out_dir: str,
         stack: bool = typer.Option(False, "--stack", help="Export company+team+individual as one LoRA."),
     ) -> None:
-        """Write MODEL_ID's active adapter (or whole stack) as a PEFT directory."""
-        common.not_built("fleet adapters export")
+        """Write MODEL_ID's active adapter (or its whole stack) as a PEFT directory."""
+        from fleet.context import Fleet
+        from fleet.lora.interop import export_peft
+
+        what = export_peft(Fleet(common.config()), model_id, out_dir, stack=stack)
+        common.console.print(f"exported {what} to {out_dir}")
 
     app.add_typer(adapters, name="adapters")
 
@@ -30,10 +38,18 @@ def register(app: typer.Typer) -> None:
     def generate(
         model_id: str,
         prompt: str = typer.Option(..., "--prompt", help="Prompt text."),
-        max_tokens: int = typer.Option(32, "--max-tokens"),
-        temperature: float = typer.Option(0.0, "--temperature"),
-        logprobs: int = typer.Option(0, "--logprobs", help="Top-k alternatives per prompt token."),
+        max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+        temperature: float = typer.Option(0.0, "--temperature", min=0.0),
+        logprobs: int = typer.Option(0, "--logprobs", min=0, help="Top-k alternatives per prompt token."),
         json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     ) -> None:
         """Complete PROMPT with MODEL_ID's active stack through the serving engine."""
-        common.not_built("fleet generate")
+        from fleet.context import Fleet
+        from fleet.lora.interop import generate_for
+
+        out = generate_for(Fleet(common.config()), model_id, prompt, max_tokens=max_tokens,
+                           temperature=temperature, top_k=logprobs)
+        if json_out:
+            common.print_json(out)
+        else:
+            common.console.print(f"[dim]{out['served_by']}[/] {prompt}[bold]{out['text']}[/]")

@@ -48,6 +48,7 @@ _BUMP = (
         pending_tokens=MODELS.c.pending_tokens + bindparam("tok"),
         total_tokens=MODELS.c.total_tokens + bindparam("tok"),
         item_count=MODELS.c.item_count + bindparam("n"),
+        pending_since=func.coalesce(MODELS.c.pending_since, bindparam("at")),
     )
 )
 
@@ -85,7 +86,7 @@ class ContextMixin(RegistryCore):
                 n, tok = len(inserted_tokens), int(sum(inserted_tokens))
                 counts.append(IngestCount(mid, n, len(batches[mid]) - n, tok))
                 if n:
-                    bumps.append({"mid": mid, "tok": tok, "n": n})
+                    bumps.append({"mid": mid, "tok": tok, "n": n, "at": now})
             if bumps:
                 conn.execute(_BUMP, bumps)
         return counts

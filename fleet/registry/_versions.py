@@ -75,13 +75,10 @@ def _version_record(row) -> VersionRecord:
     )
 
 
-def _pending_after(watermark_col):
-    """Correlated subquery: tokens of a model's items after a watermark."""
-    return (
-        select(func.coalesce(func.sum(ITEMS.c.tokens), 0))
-        .where(and_(ITEMS.c.model_id == MODELS.c.id, ITEMS.c.id > watermark_col))
-        .scalar_subquery()
-    )
+def _pending_after(watermark_col, what=None):
+    """Correlated subquery over a model's items after a watermark (default: their tokens)."""
+    what = func.coalesce(func.sum(ITEMS.c.tokens), 0) if what is None else what
+    return select(what).where(and_(ITEMS.c.model_id == MODELS.c.id, ITEMS.c.id > watermark_col)).scalar_subquery()
 
 
 # Set-based model update after a version becomes active (or the active one goes away).
@@ -93,6 +90,7 @@ _SET_ACTIVE = (
         watermark=bindparam("wm"),
         last_version_at=bindparam("at"),
         pending_tokens=_pending_after(bindparam("wm")),
+        pending_since=_pending_after(bindparam("wm"), func.min(ITEMS.c.received_at)),
     )
 )
 

@@ -68,6 +68,12 @@ class Model(Base):
     active_version: Mapped[int | None] = mapped_column(Integer)
     last_version_at: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[float] = mapped_column(Float)
+    # Scheduler state: when the oldest pending item arrived, cycles passed over with pending
+    # data (aging), and the model's own GPU-seconds, decayed lazily from usage_at.
+    pending_since: Mapped[float | None] = mapped_column(Float)
+    waiting_cycles: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    usage_gpu_s: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    usage_at: Mapped[float | None] = mapped_column(Float)
 
 
 class AdapterVersion(Base):

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fleet.errors import NotBuiltError, ValidationError
+from fleet.errors import ValidationError
 from fleet.types import TIERS, DriftState, ModelId
 
 TIER_CODE = {name: i for i, name in enumerate(TIERS)}  # company 0, team 1, individual 2
@@ -321,7 +321,13 @@ class Demand:
             if owner not in comp_index:
                 raise ValidationError(f"team {t!r} belongs to no known company")
             team_company[i] = comp_index[owner]
-        tiers = [TIER_CODE.get(str(x), x) for x in cols.get("tier", [2] * n)]
+        tier_col = cols.get("tier", [2] * n)
+        if isinstance(tier_col, np.ndarray) and tier_col.dtype == object:
+            tiers = np.full(n, -1, dtype=np.int8)
+            for name, code in TIER_CODE.items():
+                tiers[tier_col == name] = code
+        else:
+            tiers = [TIER_CODE.get(str(x), x) for x in tier_col]
         base_col = [str(b) for b in cols.get("base", ["default"] * n)]
         base_names = sorted(set(base_col)) or ["default"]
         base_index = {b: i for i, b in enumerate(base_names)}
@@ -345,9 +351,7 @@ class Demand:
             team=team,
             tier=np.asarray(tiers, dtype=np.int8),
             pending_tokens=np.asarray(col("pending_tokens", 0), dtype=np.int64),
-            since_last_s=np.asarray(
-                [np.inf if v is None else v for v in col("since_last_s", None)], dtype=np.float64
-            ),
+            since_last_s=_since(col("since_last_s", None)),
             frozen=np.asarray(col("frozen", False), dtype=bool),
             company_names=tuple(names),
             company_shares=company_field("share", 1.0),
@@ -368,7 +372,35 @@ class Demand:
         )
 
 
-def load_demand(cfg: Any) -> Demand:
-    """The registry's demand query: one set-based query for every model's demand."""
-    # DEMAND QUERY: to be filled in with the registry's set-based query (issue 5, item 2).
-    raise NotBuiltError("the registry demand query is not built yet")
+def _since(values: Any) -> np.ndarray:
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        return values.astype(np.float64, copy=False)
+    return np.asarray([np.inf if v is None else v for v in values], dtype=np.float64)
+
+
+def load_demand(cfg: Any, registry: Any = None, *, now: float | None = None) -> Demand:
+    """Every model's demand from the registry: one set-based query over the models, one over the
+    companies and teams, and the companies' decayed and same-day usage."""
+    import time
+
+    from fleet.registry import Registry
+
+    reg = registry if registry is not None else Registry.open(cfg)
+    now = time.time() if now is None else now
+    half_life = cfg.scheduler.usage_half_life_s
+    cols = reg.demand_columns(now=now, half_life_s=half_life)
+    companies, teams = reg.demand_tenants()
+    decayed = reg.decayed_usage(now=now, half_life_s=half_life)
+    spent = reg.usage_since(now - 86400.0)
+    default_budget = cfg.scheduler.default_company_budget_gpu_s_per_day
+    for cid, info in companies.items():
+        if info.get("budget_gpu_s_per_day") is None:
+            info["budget_gpu_s_per_day"] = default_budget
+        info["usage_gpu_s"] = decayed.get(cid, 0.0)
+        info["spent_gpu_s"] = spent.get(cid, 0.0)
+    # Tiers also weigh urgency: the tier's configured weight multiplies each model's.
+    weights = {t: cfg.tier(t).weight for t in TIERS}
+    cols["weight"] = [weights[t] for t in cols["tier"]]
+    if registry is None:
+        reg.close()
+    return Demand.from_columns(cols, companies=companies, teams=teams)

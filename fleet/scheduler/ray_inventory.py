@@ -89,17 +89,7 @@ def inventory_from_ray(*, cpus_per_slice: float = 1.0) -> Inventory:
 
 def live_inventory(cfg: Any) -> Inventory:
     """Connect to the configured Ray cluster (or start a local one) and read its slices."""
-    import ray
+    from fleet._ray import ensure_ray
 
-    if not ray.is_initialized():
-        try:
-            ray.init(
-                address=cfg.ray.address or None,
-                namespace=cfg.ray.namespace,
-                num_cpus=None if cfg.ray.address else cfg.ray.num_cpus,
-                include_dashboard=False,
-                log_to_driver=False,
-            )
-        except ConnectionError as exc:
-            raise UnavailableError(f"cannot reach the Ray cluster at {cfg.ray.address!r}: {exc}") from None
+    ensure_ray(cfg)
     return inventory_from_ray(cpus_per_slice=cfg.train.cpus_per_worker)
