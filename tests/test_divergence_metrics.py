@@ -152,6 +152,17 @@ def test_many_models_span_several_blocks_and_chunks_in_order():
         list(weight_metrics_chunks(chunks, None, workers=0))
 
 
+def test_modules_of_different_ranks_in_one_call():
+    g = torch.Generator().manual_seed(15)
+    a, b, c = _level(g, 7, 4, 9, 6), _level(g, 7, 4, 9, 6), _level(g, 7, 2, 9, 6)
+    deltas = {"single": a, "stack": [b, c], "other": _level(g, 7, 6, 5, 5)}
+    together = weight_metrics(deltas)
+    for j, (name, d) in enumerate(deltas.items()):
+        alone = weight_metrics({name: d})
+        torch.testing.assert_close(together.spectral_NM[:, j], alone.spectral_NM[:, 0])
+        torch.testing.assert_close(together.stable_rank_NM[:, j], alone.stable_rank_NM[:, 0])
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     seed=st.integers(0, 2**31 - 1), r_own=st.integers(1, 5), shared=st.integers(0, 2), r_p=st.integers(1, 5)

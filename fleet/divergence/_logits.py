@@ -134,8 +134,9 @@ def _split(cache: TopKCache, logp: Tensor) -> tuple[Tensor, Tensor, Tensor, Tens
     q_K = logp.gather(-1, idx)
     in_K = torch.zeros(cache.idx_BTK.shape[:-1] + logp.shape[-1:], dtype=torch.bool, device=logp.device)
     in_K.scatter_(-1, cache.idx_BTK, True)
-    tail_logq = logp.masked_fill(in_K, float("-inf")).logsumexp(-1)
-    tail_min = logp.masked_fill(in_K, float("inf")).amin(-1)
+    tail = logp.masked_fill(in_K, float("-inf"))  # one copy of the model's log-probs, reused
+    tail_logq = tail.logsumexp(-1)
+    tail_min = tail.masked_fill_(in_K, float("inf")).amin(-1)
     return q_K, tail_logq, tail_min, in_K
 
 

@@ -230,32 +230,52 @@ class ModuleStats:
     """``‖ΔW‖_F² / σ_max²`` in [1, R]; 0 for a zero delta."""
 
 
+def _blocks(grams: Sequence[tuple[Tensor, Tensor]]) -> list[list[tuple[int, slice]]]:
+    """Cut the modules' r×r problems into blocks of about ``_BLOCK_ELEMENTS`` entries of one rank.
+
+    Blocks stay in cache, their temporaries are reused by the allocator instead of faulting in fresh
+    pages on every elementwise pass, and small batches of models still make few, large operations.
+    """
+    blocks: list[list[tuple[int, slice]]] = []
+    open_: dict[int, tuple[list[tuple[int, slice]], int]] = {}  # rank -> (block being filled, its size)
+    for i, (GA, _) in enumerate(grams):
+        n, R = GA.shape[0], GA.shape[-1]
+        cap = max(1, _BLOCK_ELEMENTS // (R * R))
+        start = 0
+        while start < n:
+            block, size = open_.get(R, ([], 0))
+            take = min(cap - size, n - start)
+            block.append((i, slice(start, start + take)))
+            start, size = start + take, size + take
+            if size == cap:
+                blocks.append(block)
+                open_.pop(R, None)
+            else:
+                open_[R] = (block, size)
+    blocks.extend(block for block, _ in open_.values())
+    return blocks
+
+
+def _gather(pieces: list[Tensor]) -> Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def module_stats(deltas: Sequence[Delta]) -> list[ModuleStats]:
     """Frobenius norm, spectral norm and stable rank of several modules' deltas, never forming B·A.
 
-    The Gram matrices are formed module by module (large matmuls); the r×r work of all modules of
-    equal total rank then runs as one batch, so that a model's 28 modules cost a handful of large
-    tensor operations rather than hundreds of small ones.
+    The Gram matrices are formed module by module (large matmuls); the r×r work then runs in blocks
+    of equal rank that span modules (:func:`_blocks`), so that 28 modules of a few models still
+    cost a handful of large tensor operations rather than hundreds of small ones.
     """
     grams = [stack_grams(d) for d in deltas]
-    by_rank: dict[int, list[int]] = {}
-    for i, (GA, _) in enumerate(grams):
-        by_rank.setdefault(GA.shape[-1], []).append(i)
-    top: list[Tensor | None] = [None] * len(grams)
-    for members in by_rank.values():
-        GA = torch.cat([grams[i][0] for i in members])
-        GB = torch.cat([grams[i][1] for i in members])
-        # Blocks that stay in cache, and whose temporaries the allocator reuses instead of
-        # faulting in fresh pages for every elementwise pass.
-        step = max(1, _BLOCK_ELEMENTS // GA[0].numel())
-        mid = torch.cat(
-            [
-                0.5 * sum(_top_eigenvalue(GA[k : k + step], GB[k : k + step]))
-                for k in range(0, GA.shape[0], step)
-            ]
-        )
-        for i, t in zip(members, mid.split([grams[i][0].shape[0] for i in members]), strict=True):
-            top[i] = t
+    parts: list[list[Tensor]] = [[] for _ in grams]
+    for block in _blocks(grams):
+        GA, GB = (_gather([grams[i][k][sl] for i, sl in block]) for k in (0, 1))
+        lo, hi = _top_eigenvalue(GA, GB)
+        sizes = [sl.stop - sl.start for _, sl in block]
+        for (i, _), mid in zip(block, (0.5 * (lo + hi)).split(sizes), strict=True):
+            parts[i].append(mid)
+    top = [torch.cat(p) for p in parts]
     out = []
     for (GA, GB), t in zip(grams, top, strict=True):
         sq = (GA * GB).sum((-2, -1)).clamp_min(0)  # tr(G_B G_A); both symmetric
