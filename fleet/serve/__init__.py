@@ -1,1 +1,68 @@
-"""fleet.serve"""
+"""fleet.serve: every model of the fleet behind one OpenAI-compatible API, on Ray Serve.
+
+Contract (stable):
+
+- ``build(args)`` (import path ``fleet.serve.app:build``): the Serve application builder;
+  ``args`` is ``{"config": "/path/fleet.yaml"}`` (optional). Two deployments:
+  ``FleetIngress`` (FastAPI: ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``,
+  ``/healthz``) and ``FleetModel`` (one per base model; replicas, autoscaling and
+  ``ray_actor_options`` from ``ServeConfig``).
+- ``start(cfg, port=)``: deploy on the connected Ray cluster and return the base URL;
+  ``run(cfg, port=, address=)``: what ``fleet serve`` does (start, print, wait for Ctrl-C).
+- Responses carry ``X-Fleet-Served-By: <model id>@v<n>`` (or ``base``): the deepest stack level
+  that answered. Errors use OpenAI's JSON error shape with 400/401/404/413/429/503.
+- Building blocks without Ray, for tests and tools: ``Batcher`` (continuous batching over a
+  ``DecodeBatch``), ``AdapterCache`` (LRU of adapters in engine slots, pinned while in use,
+  falling back from corrupt or missing versions), ``Tenancy``/``RateLimiter``, ``build_runtime``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "build": "fleet.serve.app",
+    "start": "fleet.serve.app",
+    "run": "fleet.serve.app",
+    "deployment_options": "fleet.serve.app",
+    "Batcher": "fleet.serve.batcher",
+    "Job": "fleet.serve.batcher",
+    "AdapterCache": "fleet.serve.cache",
+    "Lease": "fleet.serve.cache",
+    "RateLimiter": "fleet.serve.tenancy",
+    "Tenancy": "fleet.serve.tenancy",
+    "build_runtime": "fleet.serve.runtime",
+    "SERVED_BY": "fleet.serve.ingress",
+}
+__all__ = [
+    "SERVED_BY",
+    "AdapterCache",
+    "Batcher",
+    "Job",
+    "Lease",
+    "RateLimiter",
+    "Tenancy",
+    "build",
+    "build_runtime",
+    "deployment_options",
+    "run",
+    "start",
+]
+
+if TYPE_CHECKING:
+    from fleet.serve.app import build, deployment_options, run, start
+    from fleet.serve.batcher import Batcher, Job
+    from fleet.serve.cache import AdapterCache, Lease
+    from fleet.serve.ingress import SERVED_BY
+    from fleet.serve.runtime import build_runtime
+    from fleet.serve.tenancy import RateLimiter, Tenancy
+
+
+def __getattr__(name: str):
+    # Lazy (PEP 562): `fleet --help` imports fleet.serve.cli and must not pay for Ray and torch.
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'fleet.serve' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

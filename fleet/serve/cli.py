@@ -13,5 +13,7 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(None, "--port", help="HTTP port (default: serve.port)."),
         address: str = typer.Option(None, "--address", help="Ray cluster to join (default: local Ray)."),
     ) -> None:
-        """Serve every model behind an OpenAI-compatible API on Ray Serve."""
-        common.not_built("fleet serve")
+        """Serve every model behind an OpenAI-compatible API on Ray Serve (until Ctrl-C)."""
+        from fleet.serve.app import run
+
+        run(common.config(), port=port, address=address, echo=common.console.print)

@@ -1,0 +1,275 @@
+"""Which adapters a replica holds in its engine slots: an LRU with pins, shared across stacks.
+
+A request's stack (company, team, individual versions) is *acquired* before it decodes and
+*released* when its row has left the batch; a pinned adapter is never evicted, so a slot a live
+row reads cannot change under it. Adapters are keyed by version (``acme@v3``), so the company
+adapter that sits in every stack of that company is loaded once per replica, and a newly
+promoted version is simply a new key (the old one ages out).
+
+Loading follows Ray Serve's multiplex cache: check, lock, check again, evict the least recently
+used unpinned adapter, load, count it. Fetching (store read, sha256 check, parsing) happens
+before the lock and is shared by concurrent requests for the same key; only slot bookkeeping and
+the copy into the engine hold the lock.
+
+A version whose object is corrupt or missing is never served: it is remembered as bad for
+``retry_bad_s``, the previous active version of that model stands in for it, or, when there is
+none, the level is dropped and the ancestors answer. Every such fallback is logged and counted.
+
+No Ray here; the replica wires it to its engine thread and store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleet.errors import FleetError, OverloadedError
+from fleet.registry import StackEntry
+
+log = logging.getLogger("fleet.serve")
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Adapters pinned for one request: the entries actually served and their slots, company first."""
+
+    entries: tuple[StackEntry, ...]
+    slots: tuple[int, ...]
+    fallbacks: tuple[str, ...] = ()  # keys that could not be served and were replaced or dropped
+
+    @property
+    def served_by(self) -> str:
+        return self.entries[-1].key if self.entries else "base"
+
+    @property
+    def slots_L(self) -> list[int]:
+        """The DecodeBatch row's slots (-1 alone for the base)."""
+        return list(self.slots) or [-1]
+
+
+@dataclass
+class _Bad:
+    substitute: StackEntry | None
+    until: float
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    fallbacks: int = 0
+    failed_loads: Counter = field(default_factory=Counter)
+
+
+class AdapterCache:
+    """LRU of adapters in engine slots. All methods run on the replica's event loop."""
+
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        fetch: Callable[[StackEntry], Any],
+        install: Callable[[str, Any], Awaitable[int]],
+        remove: Callable[[str], Awaitable[None]],
+        previous: Callable[[StackEntry], list[StackEntry]],
+        retry_bad_s: float = 60.0,
+        wait_s: float = 30.0,
+        on_event: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``fetch`` (blocking; run in a worker thread) reads and verifies one version's weights;
+        ``install``/``remove`` put a key into / take it out of an engine slot (on the engine thread);
+        ``previous`` (blocking) lists a model's earlier active versions, newest first.
+        """
+        self.capacity = capacity
+        self._fetch_sync = fetch
+        self._install = install
+        self._remove = remove
+        self._previous = previous
+        self.retry_bad_s = retry_bad_s
+        self.wait_s = wait_s
+        self._on_event = on_event or (lambda kind, status: None)
+        self._clock = clock
+        self._slots: OrderedDict[str, int] = OrderedDict()  # resident key → slot, least recently used first
+        self._pins: Counter[str] = Counter()
+        self._bad: dict[str, _Bad] = {}
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._lock = asyncio.Lock()
+        self._freed = asyncio.Event()
+        self.stats = CacheStats()
+
+    # ------------------------------------------------------------------ public
+    def resident(self) -> list[str]:
+        return list(self._slots)
+
+    def pinned(self, key: str) -> int:
+        return self._pins[key]
+
+    async def acquire(self, entries: Sequence[StackEntry]) -> Lease:
+        """Pin the stack's adapters (loading what is missing) and return their slots."""
+        wanted, known_bad = self._substituted(entries)
+        if all(e.key in self._slots for e in wanted):  # fast path: everything resident
+            return self._pin(wanted, known_bad)
+        usable, fallbacks = await self._usable(wanted, known_bad)
+        deadline = self._clock() + self.wait_s
+        while True:
+            freed = self._freed
+            async with self._lock:
+                missing = [(e, w) for e, w in usable if e.key not in self._slots]  # check again
+                keys = {e.key for e, _ in usable}
+                spare = (
+                    self.capacity
+                    - len(self._slots)
+                    + sum(1 for k in self._slots if self._pins[k] == 0 and k not in keys)
+                )
+                if len(missing) <= spare:
+                    for e, _ in usable:  # pin what is resident so our own evictions keep it
+                        if e.key in self._slots:
+                            self._pins[e.key] += 1
+                    try:
+                        for e, weights in missing:
+                            await self._load(e, weights)
+                            self._pins[e.key] += 1
+                    except BaseException:
+                        for e, _ in usable:
+                            if self._pins[e.key] > 0 and e.key in self._slots:
+                                self._unpin(e.key)
+                        raise
+                    for e, _ in usable:
+                        self._slots.move_to_end(e.key)
+                    self.stats.hits += len(usable) - len(missing)
+                    self.stats.misses += len(missing)
+                    for _ in range(len(usable) - len(missing)):
+                        self._on_event("hit", "ok")
+                    for _ in missing:
+                        self._on_event("miss", "ok")
+                    entries_used = tuple(e for e, _ in usable)
+                    return Lease(entries_used, tuple(self._slots[e.key] for e in entries_used), fallbacks)
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise OverloadedError(
+                    f"all {self.capacity} adapter slots of this replica are in use by running requests; retry shortly"
+                )
+            try:
+                await asyncio.wait_for(freed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def release(self, lease: Lease) -> None:
+        for e in lease.entries:
+            self._unpin(e.key)
+
+    # ------------------------------------------------------------------ internals
+    def _pin(self, entries: list[StackEntry], fallbacks: list[str]) -> Lease:
+        for e in entries:
+            self._pins[e.key] += 1
+            self._slots.move_to_end(e.key)
+            self.stats.hits += 1
+            self._on_event("hit", "ok")
+        return Lease(tuple(entries), tuple(self._slots[e.key] for e in entries), tuple(fallbacks))
+
+    def _unpin(self, key: str) -> None:
+        self._pins[key] -= 1
+        if self._pins[key] <= 0:
+            del self._pins[key]
+            freed, self._freed = self._freed, asyncio.Event()
+            freed.set()
+
+    def _substituted(self, entries: Sequence[StackEntry]) -> tuple[list[StackEntry], list[str]]:
+        """Replace versions known to be bad by their stand-ins (or drop them)."""
+        now = self._clock()
+        out, fallbacks = [], []
+        for e in entries:
+            bad = self._bad.get(e.key)
+            if bad is not None and bad.until <= now:
+                del self._bad[e.key]
+                bad = None
+            if bad is None:
+                out.append(e)
+                continue
+            fallbacks.append(e.key)
+            if bad.substitute is not None:
+                out.append(bad.substitute)
+        return out, fallbacks
+
+    async def _usable(
+        self, entries: list[StackEntry], fallbacks: list[str]
+    ) -> tuple[list[tuple[StackEntry, Any]], tuple[str, ...]]:
+        """Each level's entry to serve with its fetched weights (None when already resident)."""
+        pending = [None if e.key in self._slots else asyncio.ensure_future(self._fetch(e)) for e in entries]
+        usable: list[tuple[StackEntry, Any]] = []
+        fallbacks = list(fallbacks)
+        for e, fut in zip(entries, pending, strict=True):
+            if fut is None:
+                usable.append((e, None))
+                continue
+            try:
+                usable.append((e, await fut))
+            except FleetError as exc:
+                sub = await self._fall_back(e, exc)
+                fallbacks.append(e.key)
+                if sub is not None:
+                    usable.append(sub)
+        return usable, tuple(fallbacks)
+
+    async def _fall_back(self, entry: StackEntry, exc: FleetError) -> tuple[StackEntry, Any] | None:
+        """A version cannot be served: find the previous active version that can, or drop the level."""
+        reason = (
+            "corrupt"
+            if exc.code == "integrity_error"
+            else ("missing" if exc.code == "not_found" else "invalid")
+        )
+        self.stats.failed_loads[reason] += 1
+        self.stats.fallbacks += 1
+        self._on_event("load", reason)
+        log.warning("adapter %s cannot be served (%s): %s", entry.key, reason, exc)
+        try:
+            earlier = await asyncio.to_thread(self._previous, entry)
+        except Exception as lookup_error:  # registry unreachable: drop the level for now
+            log.warning("could not list earlier versions of %s: %s", entry.model_id, lookup_error)
+            earlier = []
+        for prev in earlier:
+            try:
+                weights = None if prev.key in self._slots else await self._fetch(prev)
+            except FleetError as prev_exc:
+                log.warning("earlier version %s cannot be served either: %s", prev.key, prev_exc)
+                continue
+            self._bad[entry.key] = _Bad(prev, self._clock() + self.retry_bad_s)
+            self._on_event("fallback", "previous_version")
+            log.warning("serving %s in place of %s", prev.key, entry.key)
+            return prev, weights
+        self._bad[entry.key] = _Bad(None, self._clock() + self.retry_bad_s)
+        self._on_event("fallback", "ancestor")
+        log.warning("serving %s without its own adapter (its ancestors' only)", entry.model_id)
+        return None
+
+    async def _fetch(self, entry: StackEntry) -> Any:
+        """Read and verify one version; concurrent requests for the same key share one read."""
+        fut = self._inflight.get(entry.key)
+        if fut is None:
+            fut = asyncio.ensure_future(asyncio.to_thread(self._fetch_sync, entry))
+            self._inflight[entry.key] = fut
+            fut.add_done_callback(lambda _f, k=entry.key: self._inflight.pop(k, None))
+        return await asyncio.shield(fut)
+
+    async def _load(self, entry: StackEntry, weights: Any) -> None:
+        """Put one adapter into a slot (called with the lock held and room guaranteed)."""
+        if weights is None:  # resident when we looked, evicted since
+            weights = await self._fetch(entry)
+        if len(self._slots) >= self.capacity:
+            victim = next(k for k in self._slots if self._pins[k] == 0)
+            await self._remove(victim)
+            del self._slots[victim]
+            self.stats.evictions += 1
+            self._on_event("evict", "ok")
+        slot = await self._install(entry.key, weights)
+        self._slots[entry.key] = slot
+        self.stats.loads += 1
+        self._on_event("load", "ok")

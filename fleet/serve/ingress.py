@@ -1,0 +1,373 @@
+"""``FleetIngress``: the OpenAI-compatible HTTP API (FastAPI on Serve).
+
+Per request: bearer key → company (401) → the company's rate (429) → body (400) → model id →
+active stack (404, the same for unknown and foreign models) → prompt tokens (413 past the
+context) → the model deployment, routed by the stack's key as Serve's multiplexed model id.
+The response names the stack that answered in ``X-Fleet-Served-By``. Errors use OpenAI's JSON
+shape. A replica that dies before answering is retried on another; one that dies mid-stream
+ends the stream with an error event.
+"""
+
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fleet.errors import FleetError, OverloadedError, UnavailableError, ValidationError
+from fleet.registry import Registry, Stack
+from fleet.serve import protocol as p
+from fleet.serve.metrics import ServeMetrics
+from fleet.serve.runtime import config_from_args, context_limit, encode_chat, encode_prompt, load_tokenizer
+from fleet.serve.tenancy import RateLimiter, Tenancy
+from fleet.types import level_of
+
+log = logging.getLogger("fleet.serve")
+INGRESS_DEPLOYMENT = "FleetIngress"
+SERVED_BY = "X-Fleet-Served-By"
+HEALTH_PATH = "/healthz"
+RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0)
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    """Errors that mean "that replica is gone", not "this request is bad": try another replica."""
+    from ray import exceptions as rex
+    from ray.serve import exceptions as sex
+
+    kinds = [rex.RayActorError, sex.ReplicaUnavailableError, sex.DeploymentUnavailableError]
+    for name in ("ActorDiedError", "ActorUnavailableError"):
+        if hasattr(rex, name):
+            kinds.append(getattr(rex, name))
+    return tuple(kinds)
+
+
+def as_fleet_error(exc: BaseException) -> FleetError | None:
+    """The FleetError behind an exception from the model deployment, if any."""
+    from ray.serve.exceptions import BackPressureError
+
+    if isinstance(exc, FleetError):
+        return exc
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, FleetError):
+        return cause
+    if isinstance(exc, BackPressureError):
+        return OverloadedError("the model deployment's queue is full; retry shortly")
+    return None
+
+
+# ---------------------------------------------------------------------- OpenAPI
+_SCHEMA_DEFS: dict[str, Any] = {}
+
+
+def _body_schema(model: type) -> dict[str, Any]:
+    """openapi_extra for a route that reads its JSON body itself (auth comes before validation)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    _SCHEMA_DEFS.update(schema.pop("$defs", {}))
+    _SCHEMA_DEFS[model.__name__] = schema
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+app = FastAPI(
+    title="fleet",
+    description="OpenAI-compatible API over a fleet of personalized LoRA models; `model` is a fleet model id.",
+    version="1",
+    docs_url=None,
+    redoc_url=None,
+)
+
+
+def _openapi() -> dict[str, Any]:
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {})
+        components.setdefault("schemas", {}).update(_SCHEMA_DEFS)
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+app.openapi = _openapi  # type: ignore[method-assign]
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(p.error_body(exc.status_code, str(exc.detail), None), status_code=exc.status_code)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s", request.url.path)
+    return JSONResponse(p.error_body(500, "internal error", None), status_code=500)
+
+
+@serve.deployment(name=INGRESS_DEPLOYMENT)
+@serve.ingress(app)
+class FleetIngress:
+    def __init__(self, model: DeploymentHandle, args: dict[str, Any] | None = None) -> None:
+        cfg = config_from_args(args)
+        s = cfg.serve
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = load_tokenizer(cfg)
+        self.context_limit = context_limit(cfg, self.tokenizer)
+        self.tenancy = Tenancy(Registry.open(cfg, migrate=False), cache_s=s.stack_cache_s)
+        self.limiter = RateLimiter(s.rate_limit_rps, s.rate_limit_burst, s.company_rate_limits)
+        self.metrics = ServeMetrics(INGRESS_DEPLOYMENT)
+        self._retryable = _retryable()
+
+    # ------------------------------------------------------------------ routes
+    @app.get(HEALTH_PATH)
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok", "base": self.cfg.base.name}
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> Response:
+        try:
+            company = await self._admit(request)
+            models = await self.tenancy.models(company)
+            data = [self._model_card(m) for m in models]
+            return JSONResponse({"object": "list", "data": data})
+        except FleetError as exc:
+            return self._error(exc, "unknown", time.perf_counter())
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(self, model_id: str, request: Request) -> Response:
+        try:
+            company = await self._admit(request)
+            return JSONResponse(self._model_card(await self.tenancy.model(company, model_id)))
+        except FleetError as exc:
+            return self._error(exc, "unknown", time.perf_counter())
+
+    @app.post("/v1/completions", openapi_extra=_body_schema(p.CompletionRequest))
+    async def completions(self, request: Request) -> Response:
+        t0, tier = time.perf_counter(), "unknown"
+        try:
+            company = await self._admit(request)
+            body: p.CompletionRequest = p.parse(p.CompletionRequest, await request.body()).checked()
+            stack = await self.tenancy.stack(company, body.model)
+            tier = level_of(body.model).value
+            prompt = body.single_prompt()
+            ids = encode_prompt(self.tokenizer, prompt)
+            max_tokens = self._max_tokens(body.max_tokens, len(ids), default=16)
+            if max_tokens == 0 and not body.echo:
+                raise ValidationError("max_tokens=0 needs echo=true (score the prompt)", param="max_tokens")
+            echo = (
+                ""
+                if not body.echo
+                else (
+                    prompt
+                    if isinstance(prompt, str)
+                    else self.tokenizer.decode(ids, skip_special_tokens=True)
+                )
+            )
+            payload = self._payload(body, stack, ids, max_tokens, logprobs=body.logprobs, echo=body.echo)
+            reply = p.Reply()
+            if body.stream:
+                if max_tokens == 0:
+                    raise ValidationError("stream=true needs max_tokens >= 1", param="max_tokens")
+                return await self._stream(
+                    stack, payload, body, reply, tier, t0, len(ids), echo=echo, chat=False
+                )
+            out = await self._call(stack, payload)
+            use = p.usage(len(ids), out["completion_tokens"])
+            result = p.completion_response(
+                reply, body.model, echo + out["text"], out["finish_reason"], out["logprobs"], use
+            )
+            self.metrics.request(
+                tier, 200, time.perf_counter() - t0, ttft_s=out["ttft_s"],
+                prompt_tokens=len(ids), completion_tokens=out["completion_tokens"],
+            )  # fmt: skip
+            return JSONResponse(result, headers={SERVED_BY: out["served_by"]})
+        except FleetError as exc:
+            return self._error(exc, tier, t0)
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(p.ChatRequest))
+    async def chat_completions(self, request: Request) -> Response:
+        t0, tier = time.perf_counter(), "unknown"
+        try:
+            company = await self._admit(request)
+            body: p.ChatRequest = p.parse(p.ChatRequest, await request.body()).checked()
+            stack = await self.tenancy.stack(company, body.model)
+            tier = level_of(body.model).value
+            ids = encode_chat(self.tokenizer, body.template_messages())
+            max_tokens = self._max_tokens(
+                body.max_completion_tokens or body.max_tokens, len(ids), default=None
+            )
+            payload = self._payload(body, stack, ids, max_tokens, logprobs=None, echo=False)
+            reply = p.Reply()
+            if body.stream:
+                return await self._stream(stack, payload, body, reply, tier, t0, len(ids), echo="", chat=True)
+            out = await self._call(stack, payload)
+            use = p.usage(len(ids), out["completion_tokens"])
+            self.metrics.request(
+                tier, 200, time.perf_counter() - t0, ttft_s=out["ttft_s"],
+                prompt_tokens=len(ids), completion_tokens=out["completion_tokens"],
+            )  # fmt: skip
+            result = p.chat_response(reply, body.model, out["text"], out["finish_reason"], use)
+            return JSONResponse(result, headers={SERVED_BY: out["served_by"]})
+        except FleetError as exc:
+            return self._error(exc, tier, t0)
+
+    # ------------------------------------------------------------------ steps
+    async def _admit(self, request: Request) -> str:
+        company = await self.tenancy.company(request.headers.get("authorization"))
+        self.limiter.check(company)
+        return company
+
+    def _model_card(self, m: Any) -> dict[str, Any]:
+        return {
+            "id": m.id,
+            "object": "model",
+            "created": int(m.created_at),
+            "owned_by": m.company_id,
+            "tier": m.tier,
+            "base_model": m.base_model,
+            "active_version": m.active_version,
+        }
+
+    def _max_tokens(self, requested: int | None, prompt_len: int, *, default: int | None) -> int:
+        """max_tokens checked against the serving ceiling; shortened to what the context has left."""
+        room = self.context_limit - prompt_len
+        if room < 1:
+            raise p.ContextLengthError(
+                f"the prompt has {prompt_len} tokens; this model's context is {self.context_limit} tokens "
+                "(prompt and completion together)",
+                param="prompt",
+            )
+        ceiling = self.cfg.serve.max_new_tokens
+        if requested is not None and requested > ceiling:
+            raise ValidationError(f"max_tokens must be at most {ceiling}", param="max_tokens")
+        if requested is None:
+            requested = ceiling if default is None else default
+        return min(requested, room)
+
+    def _payload(
+        self, body: Any, stack: Stack, ids: list[int], max_tokens: int, *, logprobs, echo: bool
+    ) -> dict:
+        return {
+            "entries": [asdict(e) for e in stack.entries],
+            "prompt_ids": ids,
+            "max_tokens": max_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "stop": body.stop_list(),
+            "seed": body.seed,
+            "logprobs": logprobs,
+            "echo": echo,
+        }
+
+    async def _call(self, stack: Stack, payload: dict[str, Any]) -> dict[str, Any]:
+        handle = self.model.options(multiplexed_model_id=stack.key)
+        for delay in (*RETRY_DELAYS_S, None):
+            try:
+                return await handle.generate.remote(payload)
+            except Exception as exc:
+                self._raise_unless_retryable(exc, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _open_stream(self, stack: Stack, payload: dict[str, Any]):
+        handle = self.model.options(multiplexed_model_id=stack.key, stream=True)
+        for delay in (*RETRY_DELAYS_S, None):
+            gen = handle.stream.remote(payload)
+            try:
+                return gen, await gen.__anext__()
+            except StopAsyncIteration:
+                raise UnavailableError("the model replica closed the stream before answering") from None
+            except Exception as exc:
+                self._raise_unless_retryable(exc, delay)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _raise_unless_retryable(self, exc: Exception, delay: float | None) -> None:
+        err = as_fleet_error(exc)
+        if err is not None:
+            raise err
+        if not isinstance(exc, self._retryable):
+            raise exc
+        if delay is None:
+            raise UnavailableError(f"no model replica could answer: {type(exc).__name__}") from None
+        log.warning("model replica unavailable (%s); retrying in %.2fs", type(exc).__name__, delay)
+
+    async def _stream(
+        self, stack: Stack, payload: dict, body: Any, reply: p.Reply, tier: str, t0: float, n_prompt: int,
+        *, echo: str, chat: bool,
+    ) -> Response:  # fmt: skip
+        gen, first = await self._open_stream(stack, payload)
+        model = body.model
+
+        def chunk(text: str, finish: str | None = None) -> bytes:
+            if chat:
+                return p.sse(
+                    p.chat_chunk(reply, model, {"content": text} if text or not finish else {}, finish)
+                )
+            return p.sse(p.completion_chunk(reply, model, text, finish))
+
+        async def events() -> AsyncIterator[bytes]:
+            status, ttft, n_out, finished = 200, None, 0, False
+            try:
+                if chat:
+                    yield p.sse(p.chat_chunk(reply, model, {"role": "assistant", "content": ""}, None))
+                if echo:
+                    yield chunk(echo)
+                async for item in gen:
+                    if item["type"] == "delta":
+                        ttft = ttft if ttft is not None else time.perf_counter() - t0
+                        yield chunk(item["text"])
+                    elif item["type"] == "end":
+                        finished, n_out = True, item["completion_tokens"]
+                        if item["text"]:
+                            ttft = ttft if ttft is not None else time.perf_counter() - t0
+                            yield chunk(item["text"])
+                        yield chunk("", item["finish_reason"])
+                        if body.include_usage:
+                            obj = "chat.completion.chunk" if chat else "text_completion"
+                            yield p.sse(p.usage_chunk(reply, model, obj, p.usage(n_prompt, n_out)))
+                yield p.SSE_DONE
+            except Exception as exc:  # the stream has started: report in-band, as OpenAI does
+                err = as_fleet_error(exc) or UnavailableError(f"the stream failed: {type(exc).__name__}")
+                status, body_ = p.error_of(err)
+                log.warning("stream ended with %s: %s", status, err.message)
+                yield p.sse(body_)
+            finally:
+                if not finished:
+                    gen.cancel()
+                self.metrics.request(
+                    tier,
+                    status,
+                    time.perf_counter() - t0,
+                    ttft_s=ttft,
+                    prompt_tokens=n_prompt,
+                    completion_tokens=n_out,
+                )
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={SERVED_BY: first["served_by"], "Cache-Control": "no-cache"},
+        )
+
+    def _error(self, exc: FleetError, tier: str, t0: float) -> JSONResponse:
+        status, body = p.error_of(exc)
+        if status >= 500:
+            log.warning("request failed with %s: %s", status, exc.message)
+        self.metrics.request(tier, status, time.perf_counter() - t0)
+        headers = {}
+        retry = exc.context.get("retry_after") if isinstance(exc.context, dict) else None
+        if retry is not None:
+            headers["Retry-After"] = str(max(1, int(retry + 0.999)))
+        return JSONResponse(body, status_code=status, headers=headers)

@@ -1,0 +1,149 @@
+"""What a serving process builds from the config: the base, its tokenizer, the engine, prompts.
+
+No Ray here: the model replica, the ingress and the tests (which compute the expected output
+of every model alone) all build the same objects the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleet.config import FleetConfig
+from fleet.errors import ConfigError, ValidationError
+
+# Used when a base's tokenizer has no chat template of its own: one line per turn, then the
+# assistant's cue. fleet's tiny base ships its own template (fleet.base.tokenizer.CHAT_TEMPLATE).
+SIMPLE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+# Larger "model_max_length" values are transformers' placeholder for "unknown".
+_NO_LIMIT = 1_000_000
+
+
+def base_dir(cfg: FleetConfig) -> Path:
+    """The base model's directory (built by `fleet base build` for the tiny default)."""
+    path = cfg.base_path
+    if not (path / "config.json").exists():
+        raise ConfigError(
+            f"no base model at {path}: build the tiny base with `fleet base build`, or set base.path "
+            "to a Hugging Face causal-LM directory"
+        )
+    return path
+
+
+def load_tokenizer(cfg: FleetConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(base_dir(cfg)))
+    if not getattr(tok, "chat_template", None):
+        tok.chat_template = SIMPLE_CHAT_TEMPLATE
+    return tok
+
+
+def context_limit(cfg: FleetConfig, tokenizer: Any) -> int:
+    """Longest prompt + completion the base serves: its position limit (and the tokenizer's, if set)."""
+    raw = json.loads((base_dir(cfg) / "config.json").read_text())
+    limits = [int(raw.get("max_position_embeddings") or _NO_LIMIT)]
+    tok_max = int(getattr(tokenizer, "model_max_length", _NO_LIMIT) or _NO_LIMIT)
+    if tok_max < _NO_LIMIT:
+        limits.append(tok_max)
+    return min(limits)
+
+
+def max_rank(cfg: FleetConfig) -> int:
+    """The largest adapter rank the config can produce (the engine's pools are sized by it)."""
+    ranks = [cfg.lora.rank] + [t.schedule.rank for t in cfg.tiers.values() if t.schedule.rank]
+    return max(ranks)
+
+
+def load_base_model(cfg: FleetConfig) -> Any:
+    """The base as a torch module in eval mode, on the configured device and dtype."""
+    import torch
+
+    path = base_dir(cfg)
+    try:  # fleet.base owns loading when present (device and dtype resolution in one place)
+        from fleet.base import load_base  # type: ignore[attr-defined]
+    except ImportError:
+        load_base = None
+    if load_base is not None:
+        loaded = load_base(path, device=cfg.base.device, dtype=cfg.base.dtype)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        return model.eval()
+    from transformers import AutoModelForCausalLM
+
+    device = cfg.base.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype_name = cfg.base.dtype
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if str(device).startswith("cuda") else "float32"
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype_name))
+    return model.to(device).eval()
+
+
+@dataclass
+class ServingRuntime:
+    """A base wrapped by a LoRA engine, with its tokenizer and context limit."""
+
+    engine: Any
+    tokenizer: Any
+    context_limit: int
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+
+def build_runtime(cfg: FleetConfig, *, slots: int | None = None) -> ServingRuntime:
+    from fleet.lora import LoraEngine
+
+    tokenizer = load_tokenizer(cfg)
+    model = load_base_model(cfg)
+    engine = LoraEngine(
+        model,
+        target_modules=cfg.lora.target_modules,
+        max_slots=slots or cfg.serve.adapter_slots,
+        max_rank=max_rank(cfg),
+    )
+    return ServingRuntime(engine, tokenizer, context_limit(cfg, tokenizer))
+
+
+# ---------------------------------------------------------------------- prompts
+def encode_prompt(tokenizer: Any, prompt: str | list[int]) -> list[int]:
+    """Token ids of a completion prompt: text through the tokenizer, or ids checked against the vocabulary."""
+    if isinstance(prompt, str):
+        return list(tokenizer(prompt).input_ids)
+    vocab = len(tokenizer)
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise ValidationError(
+            f"prompt token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", param="prompt"
+        )
+    return list(prompt)
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a chat: the base tokenizer's chat template with the assistant's cue appended."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return [int(t) for t in ids]
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([int(token_id)])
+
+
+def config_from_args(args: dict[str, Any] | None) -> FleetConfig:
+    """The config a Serve application was built with: ``{"config": path}`` (loaded here, with this
+    process's environment overrides), ``{"config_json": {...}}`` (an already loaded config), or
+    nothing (the default lookup)."""
+    from fleet.config import load_config
+
+    args = dict(args or {})
+    if args.get("config_json") is not None:
+        return FleetConfig.model_validate(args["config_json"])
+    return load_config(args.get("config"))
