@@ -251,6 +251,16 @@ class ServeConfig(_Section):
     """Token-bucket burst per company."""
     stack_cache_s: float = Field(1.0, ge=0)
     """How long a resolved stack is reused before the registry is asked again (promotion latency)."""
+    company_rate_limits: dict[str, float] = Field(default_factory=dict)
+    """Per-company requests per second overriding rate_limit_rps (company id → rate); the burst scales with it."""
+
+    @field_validator("company_rate_limits")
+    @classmethod
+    def _positive_rates(cls, rates: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in rates.items() if not v > 0}
+        if bad:
+            raise ValueError(f"rates must be positive requests per second, got {bad}")
+        return rates
 
 
 class DivergenceConfig(_Section):
