@@ -8,7 +8,6 @@ shape. A replica that dies before answering is retried on another; one that dies
 ends the stream with an error event.
 """
 
-
 import asyncio
 import logging
 import time

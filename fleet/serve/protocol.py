@@ -160,10 +160,11 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
     """Decode and validate a JSON body; every problem is a 400 naming the offending field."""
     try:
         data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ValidationError(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValidationError("the request body must be a JSON object")
+    _check_strings(data)
     try:
         return model.model_validate(data)
     except PydanticValidationError as exc:
@@ -172,6 +173,22 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
         raise ValidationError(f"invalid request: {loc}: {err['msg']}", param=loc or None) from None
     except (ValueError, TypeError, RecursionError) as exc:
         raise ValidationError(f"invalid request: {exc}") from None
+
+
+def _check_strings(value: Any) -> None:
+    """Refuse lone UTF-16 surrogates ("\\ud800" escapes): they are not text and cannot be tokenized or echoed."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError("the request contains invalid Unicode (a lone surrogate escape)") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_strings(k)
+            _check_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            _check_strings(v)
 
 
 # ---------------------------------------------------------------------- errors

@@ -134,7 +134,48 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([int(token_id)])
+    """A token as text for logprobs; a token that is part of a UTF-8 sequence is shown as its
+    bytes, ``bytes:\\xe2\\x82`` (OpenAI's convention), so that distinct tokens never look alike."""
+    text = tokenizer.decode([int(token_id)])
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(int(token_id))
+    raw = _token_bytes(piece)
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw) if raw is not None else f"token_id:{token_id}"
+
+
+def _token_bytes(piece: str) -> bytes | None:
+    """The bytes behind a byte-level (GPT-2 style) or byte-fallback (``<0xE2>``) token piece."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            return bytes([int(piece[3:5], 16)])
+        except ValueError:
+            return None
+    table = _byte_level_decoder()
+    if all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    return None
+
+
+_BYTE_DECODER: dict[str, int] = {}
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-in character → byte (the inverse of ByteLevel's alphabet)."""
+    if not _BYTE_DECODER:
+        keep = [
+            *range(ord("!"), ord("~") + 1),
+            *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1),
+        ]
+        chars, n = list(keep), 0
+        for b in range(256):
+            if b not in keep:
+                keep.append(b)
+                chars.append(256 + n)
+                n += 1
+        _BYTE_DECODER.update({chr(c): b for b, c in zip(keep, chars, strict=True)})
+    return _BYTE_DECODER
 
 
 def config_from_args(args: dict[str, Any] | None) -> FleetConfig:

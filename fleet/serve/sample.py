@@ -32,7 +32,8 @@ def random_adapter(
     fresh = AdapterWeights.fresh(model, rank=rank, alpha=alpha, target_modules=target_modules, seed=seed)
     g = torch.Generator().manual_seed(1_000_003 + seed)
     tensors = {
-        k: (torch.randn(v.shape, generator=g) * std if ".lora_B." in k else v) for k, v in fresh.tensors.items()
+        k: (torch.randn(v.shape, generator=g) * std if ".lora_B." in k else v)
+        for k, v in fresh.tensors.items()
     }
     return AdapterWeights(rank, alpha, False, list(target_modules), tensors)
 
@@ -80,7 +81,9 @@ def publish_random(
 ) -> dict[str, Any]:
     """Publish one random adapter per model (seeded by position); returns model id → weights."""
     adapters = {
-        m: random_adapter(model, rank=rank, alpha=alpha, target_modules=target_modules, seed=seed + i, std=std)
+        m: random_adapter(
+            model, rank=rank, alpha=alpha, target_modules=target_modules, seed=seed + i, std=std
+        )
         for i, m in enumerate(model_ids)
     }
     publish_adapters(registry, store, adapters, base_model=base_model, state=state)
