@@ -151,3 +151,15 @@ def test_text_prompts_and_bad_requests(engine: LoraEngine) -> None:
         batch.add("c", [5] * 10, [-1], 5000)
     with pytest.raises(ValidationError, match="holds no adapter"):
         batch.add("d", [5], [5], 3)
+
+
+def test_bfloat16_generation_follows_its_own_forward() -> None:
+    model = tiny_llama(vocab=VOCAB, hidden=64, layers=2, heads=4, intermediate=128, seed=3, dtype=torch.bfloat16)
+    engine = LoraEngine(model, max_slots=2, max_rank=4)
+    engine.load("a", random_lora(model, rank=4, seed=1, std=0.2))
+    out = generate(engine, None, [[5, 6, 7], [9]], [[0], [-1]], max_new_tokens=4, eos_token_id=NO_EOS)
+    assert [len(o.token_ids) for o in out] == [4, 4]
+    assert all(0 <= t < VOCAB for o in out for t in o.token_ids)
+    # The first token comes from the prefill: it must be the forward's own argmax.
+    with torch.no_grad(), engine.rows([[0]]):
+        assert out[0].token_ids[0] == int(engine.model(torch.tensor([[5, 6, 7]])).logits[0, -1].argmax())

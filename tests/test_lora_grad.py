@@ -145,3 +145,20 @@ def test_no_graph_under_inference_mode_and_frozen_engine(setup) -> None:
     finally:
         for key in ("solo", "dana", "eve"):
             engine.set_trainable(key, True)
+
+
+def test_one_token_rows_use_the_decode_kernel_and_still_train_like_peft(setup, tmp_path) -> None:
+    plain, engine, adapters, slots, rows_of, ids = setup
+    rows = rows_of["solo"]
+    for p in engine.model.parameters():
+        p.grad = None
+    with engine.rows(slots[rows]):
+        engine.model(ids[rows, :1]).logits.logsumexp(-1).sum().backward()
+    ours = slot_grads(engine, "solo")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(plain), adapters["solo"].to_peft_dir(tmp_path), is_trainable=True)
+    peft_model.eval()
+    peft_model(input_ids=ids[rows, :1]).logits.logsumexp(-1).sum().backward()
+    for n, p in peft_model.named_parameters():
+        if "lora_" in n:
+            name = n.removeprefix("base_model.model.").removesuffix(".default.weight")
+            assert torch.allclose(ours[name], p.grad, rtol=1e-4, atol=1e-6), name

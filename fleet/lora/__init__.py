@@ -36,6 +36,18 @@ Contract (stable):
   slots_L, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, seed=None)``, ``add_many``,
   ``step() -> list[StepOutput]`` (``request_id, token_id, finished, finish_reason``),
   ``cancel(request_id)``, ``active``, ``results`` (request id → ``Generation``).
+
+Notes for callers:
+
+- Import these names from ``fleet.lora``; the generation code lives in ``fleet.lora.generation``
+  (a module named ``generate`` would shadow the function).
+- Slots in ``slots_BL`` are the numbers ``load`` returned. Pools are per wrapped layer
+  (``engine.layers[name]``): ``At_SDR [S+1, d_in, R]`` and ``Bt_SRO [S+1, R, d_out]``, i.e. A and
+  B transposed relative to PEFT, at pool index ``slot + 1`` (index 0 is the zero adapter). Use
+  ``export``/``adapted_modules``/``rank`` rather than reading pools where you can.
+- Generation (``generate``, ``DecodeBatch``, ``prompt_logprobs``) runs its own decode path and
+  supports Llama-architecture bases; the engine's forward works for any model with ``nn.Linear``
+  projections. A completion's ``token_ids`` excludes a final EOS; ``text`` excludes a stop string.
 """
 
 from __future__ import annotations
