@@ -151,6 +151,8 @@ def test_text_prompts_and_bad_requests(engine: LoraEngine) -> None:
         batch.add("c", [5] * 10, [-1], 5000)
     with pytest.raises(ValidationError, match="holds no adapter"):
         batch.add("d", [5], [5], 3)
+    batch.add("d", [5], [-1], 3)  # a refused request leaves nothing behind
+    assert batch.active == 1
 
 
 def test_bfloat16_generation_follows_its_own_forward() -> None:

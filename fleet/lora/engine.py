@@ -201,6 +201,12 @@ class LoraEngine:
     # ------------------------------------------------------------------ batches
     def plan(self, slots_BL: torch.Tensor | Sequence[Sequence[int]] | Sequence[int]) -> RowPlan:
         """Validate a ``[B, L]`` slot table and precompute what every layer needs for it."""
+        pools_on = next(iter(self._layers.values())).At_SDR.device
+        if pools_on != self.device:
+            raise ValidationError(
+                f"the model moved to {pools_on} after the engine was built on {self.device}; "
+                "move the model first, then build the LoraEngine"
+            )
         s_BL = torch.as_tensor(slots_BL, dtype=torch.long).to("cpu")
         if s_BL.dim() == 1:
             s_BL = s_BL[:, None]

@@ -109,11 +109,14 @@ class DecodeBatch:
 
     def add_many(self, requests: Sequence[tuple]) -> None:
         """Prefill several requests in one batched forward; each tuple holds ``add``'s arguments in order."""
-        rows, prompts = [], []
+        rows, prompts, seen = [], [], set()
         for req in requests:
             request_id, prompt_ids, slots_L, max_new_tokens, *rest = req
             temperature, top_p, stop, seed = (list(rest) + [0.0, 1.0, None, None][len(rest) :])[:4]
             prompt = [int(t) for t in prompt_ids]
+            if request_id in seen:
+                raise ValidationError(f"request {request_id!r} appears twice")
+            seen.add(request_id)
             self._validate(request_id, prompt, slots_L, max_new_tokens, temperature, top_p, stop)
             generator = None
             if temperature > 0:
@@ -132,9 +135,9 @@ class DecodeBatch:
                 )
             )
             prompts.append(prompt)
-            self._ids.add(request_id)
         if not rows:
             return
+        plan = self.engine.plan([r.slots for r in rows])  # refuses empty slots before any state changes
         device = self.engine.device
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         t = int(lengths.max())
@@ -143,11 +146,12 @@ class DecodeBatch:
             ids[b, : len(p)] = torch.tensor(p, device=device)
         need = max(len(p) + r.max_new_tokens for p, r in zip(prompts, rows, strict=True))
         self._cache.ensure(self._cache.n + len(rows), need)
-        with torch.inference_mode(), self.engine.rows([r.slots for r in rows]):
+        with torch.inference_mode(), self.engine.rows(plan):
             logits = prefill(self.engine.model, ids, lengths, self._cache)
         for row, token in zip(rows, _sample(logits, rows), strict=True):
             row.pending = token
         self._rows.extend(rows)
+        self._ids.update(seen)
         self._rows_version += 1
 
     def cancel(self, request_id: Any) -> None:

@@ -8,7 +8,9 @@ member may join a pack later or resume from its own checkpoint), and gradient-no
 large gradients shrink everybody else's update; nothing here couples two members.
 
 The update is exactly ``torch.optim.AdamW``'s (decoupled weight decay, bias-corrected moments),
-so a member trained in a pack follows the same trajectory it would alone.
+so a member trained in a pack follows the same trajectory it would alone. Moments are kept in
+float32; train with float32 pools (``LoraEngine(..., dtype=torch.float32)``, also over a bfloat16
+base): the pools are the weights, and bfloat16 pools would round every update.
 """
 
 from __future__ import annotations
