@@ -167,8 +167,8 @@ class SlotLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"slots={self.At_SDR.shape[0] - 1}, max_rank={self.max_rank}"
 
-    @torch.no_grad()
     def write(self, pool_index: int, A_rD: torch.Tensor, B_Or: torch.Tensor) -> None:
+        """Copy one adapter into a slot (call under ``torch.no_grad()``: the pools are parameters)."""
         r = A_rD.shape[0]
         self.At_SDR[pool_index, :, :r].copy_(A_rD.t())
         self.Bt_SRO[pool_index, :r].copy_(B_Or.t())
@@ -176,7 +176,6 @@ class SlotLinear(nn.Module):
             self.At_SDR[pool_index, :, r:].zero_()
             self.Bt_SRO[pool_index, r:].zero_()
 
-    @torch.no_grad()
     def clear(self, pool_index: int) -> None:
         self.At_SDR[pool_index].zero_()
         self.Bt_SRO[pool_index].zero_()

@@ -138,12 +138,13 @@ class LoraEngine:
         else:
             slot = entry.slot
         pool_index = slot + 1
-        for name, layer in self._layers.items():
-            if name in modules:
-                layer.write(pool_index, *modules[name])
-            else:
-                layer.clear(pool_index)
-        self._scale_S[pool_index] = weights.scale
+        with torch.no_grad():  # one context for all layers: entering it per layer costs as much as the copies
+            for name, layer in self._layers.items():
+                if name in modules:
+                    layer.write(pool_index, *modules[name])
+                else:
+                    layer.clear(pool_index)
+            self._scale_S[pool_index] = weights.scale
         first = next(iter(modules.values()))[0]
         self._entries[key] = _Entry(
             slot=slot,
