@@ -10,15 +10,16 @@ Everything follows from two Gram matrices per module, ``G_A = A Aᵀ`` and ``G_B
 
 - ``‖ΔW‖_F² = tr(G_B G_A)``;
 - ``⟨ΔW₁, ΔW₂⟩_F = tr((D₁B₁ᵀB₂D₂)(A₂A₁ᵀ))``, hence cosines and distances between stacks;
-- the squared singular values of ΔW are the eigenvalues of ``G_B G_A`` (similar to the symmetric
-  PSD ``R_B D R_Aᵀ R_A D R_Bᵀ`` of the QR core), so the spectral norm needs only r×r work.
+- the squared singular values of ΔW are the eigenvalues of ``G_B G_A``: with ``B D = Q_B R_B`` and
+  ``Aᵀ = Q_A R_A``, ``G_B G_A = R_Bᵀ R_B R_Aᵀ R_A`` is similar to ``C Cᵀ`` for the QR core
+  ``C = R_B R_Aᵀ``, so the spectral norm needs only r×r work.
 
 The big contractions run in the factors' dtype (at least float32); the r×r algebra runs in float64.
 
 The spectral norm comes from repeated squaring of ``P = G_B G_A`` with a certified bracket (see
-:func:`_top_eigenvalue`), because a batched LAPACK eigen-solver costs more per 8×8 matrix than the
-Gram itself. :func:`spectrum` gives every singular value exactly (QR of B and Aᵀ, SVD of the r×r
-core) for the few models a report looks at.
+:func:`_top_eigenvalue`): a few large batched matmuls, where LAPACK solves one 8×8 matrix per call
+(slower; ``bench/divergence.py`` measures both). :func:`spectrum` gives every singular value
+exactly (QR of B and Aᵀ, SVD of the r×r core) for the few models a report looks at.
 """
 
 from __future__ import annotations
@@ -90,10 +91,6 @@ class LoraBatch:
     def shape(self) -> tuple[int, int]:
         """``(d_out, d_in)`` of the adapted module."""
         return self.B_NOR.shape[1], self.A_NRI.shape[2]
-
-    def negated(self) -> LoraBatch:
-        """``-ΔW`` without touching the factors."""
-        return LoraBatch(self.A_NRI, self.B_NOR, -self.scale_N)
 
     def materialize(self) -> Tensor:
         """``ΔW [N, d_out, d_in]`` in float64 (tests and tiny batches only)."""

@@ -4,9 +4,10 @@
 ``model.named_modules()``) to that module's :class:`LoraBatch` for N models, or to a stack of
 levels (company + team + individual) whose deltas add up::
 
-    A = {"model.layers.0.self_attn.q_proj": LoraBatch.of(A_NRI, B_NOR, scale_N), ...}
-    wm = weight_metrics(A, base_norms)            # per module [N, M] + per model [N]
+    deltas = {"model.layers.0.self_attn.q_proj": LoraBatch.of(A_NRI, B_NOR, scale_N), ...}
+    wm = weight_metrics(deltas, base_norms)       # per module [N, M] + per model [N]
     rm = relative_metrics(child, parent, base_norms)
+    for wm in weight_metrics_chunks(chunks, base_norms, workers=2): ...   # a whole fleet
 
 Per module: ‖ΔW‖_F, σ_max, stable rank, ‖ΔW‖_F/‖W₀‖_F; against the parent: inner product, cosine,
 distance. Per model they aggregate as the norm of all modules' deltas taken as one vector (root of
@@ -72,7 +73,9 @@ __all__ = [
 ]  # fmt: skip
 
 
-def _base_vector(modules: Sequence[str], base_norms: Mapping[str, float] | None, device) -> Tensor | None:
+def _base_vector(
+    modules: Sequence[str], base_norms: Mapping[str, float] | None, device: torch.device
+) -> Tensor | None:
     if base_norms is None:
         return None
     missing = [m for m in modules if m not in base_norms]

@@ -216,6 +216,37 @@ def population_outliers(
     return out
 
 
+def _judge(
+    s: DriftSample, policy: PolicyConfig, stats: Mapping[str, MetricStats]
+) -> tuple[DriftAction | None, DriftState, int, str]:
+    """``(action, state after, strikes after, reason)`` for one sample: the rows of the table."""
+    hard = cap_violations(s.metrics, policy.caps_for(s.tier))
+    frozen = s.state is DriftState.FROZEN
+    if s.candidate:
+        if hard:
+            return DriftAction.REJECT, s.state, s.strikes + 1, "; ".join(hard)
+        return None, s.state, s.strikes, "candidate within the hard caps"
+    if hard:
+        reason = "; ".join(hard)
+        if s.has_previous:
+            return (
+                DriftAction.ROLLBACK,
+                DriftState.FROZEN if frozen else DriftState.WARNED,
+                s.strikes + 1,
+                reason,
+            )
+        reason += "; no previous version to roll back to"
+        if frozen:
+            return None, DriftState.FROZEN, s.strikes, reason + "; already frozen"
+        return DriftAction.FREEZE, DriftState.FROZEN, s.strikes + 1, reason
+    outliers = population_outliers(s.metrics, stats, policy)
+    if not outliers:
+        return None, DriftState.FROZEN if frozen else DriftState.OK, 0, "within caps and population"
+    if frozen:
+        return None, DriftState.FROZEN, s.strikes, "already frozen; " + "; ".join(outliers)
+    return DriftAction.WARN, DriftState.WARNED, s.strikes + 1, "; ".join(outliers)
+
+
 def decide(
     samples: Iterable[DriftSample],
     policy: PolicyConfig | None = None,
@@ -233,61 +264,12 @@ def decide(
         population = population_stats(samples)
     out: list[Decision] = []
     for s in samples:
-        tier = str(getattr(s.tier, "value", s.tier))
-        hard = cap_violations(s.metrics, policy.caps_for(tier))
-        frozen = s.state is DriftState.FROZEN
-        if s.candidate:
-            if not hard:
-                out.append(
-                    Decision(
-                        s.model_id, s.version, None, "candidate within the hard caps", s.state, s.strikes
-                    )
-                )
-                continue
-            action, state, reason = DriftAction.REJECT, s.state, "; ".join(hard)
-        elif hard and s.has_previous:
-            action, reason = DriftAction.ROLLBACK, "; ".join(hard)
-            state = DriftState.FROZEN if frozen else DriftState.WARNED
-        elif hard and frozen:
-            reason = "; ".join(hard) + "; no previous version to roll back to; already frozen"
-            out.append(Decision(s.model_id, s.version, None, reason, s.state, s.strikes))
-            continue
-        elif hard:
-            out.append(
-                Decision(
-                    s.model_id, s.version, DriftAction.FREEZE,
-                    "; ".join(hard) + "; no previous version to roll back to",
-                    DriftState.FROZEN, s.strikes + 1,
-                )
-            )  # fmt: skip
-            continue
-        else:
-            outliers = population_outliers(s.metrics, population.get(tier, {}), policy)
-            if not outliers:
-                state = DriftState.FROZEN if frozen else DriftState.OK
-                out.append(Decision(s.model_id, s.version, None, "within caps and population", state, 0))
-                continue
-            if frozen:
-                out.append(
-                    Decision(
-                        s.model_id,
-                        s.version,
-                        None,
-                        "already frozen; " + "; ".join(outliers),
-                        s.state,
-                        s.strikes,
-                    )
-                )
-                continue
-            action, state, reason = DriftAction.WARN, DriftState.WARNED, "; ".join(outliers)
-        strikes = s.strikes + 1
+        stats = population.get(str(getattr(s.tier, "value", s.tier)), {})
+        action, state, strikes, reason = _judge(s, policy, stats)
         out.append(Decision(s.model_id, s.version, action, reason, state, strikes))
-        if strikes >= policy.freeze_after and state is not DriftState.FROZEN:
+        if action in STRIKES and strikes >= policy.freeze_after and state is not DriftState.FROZEN:
+            reason = f"{strikes} consecutive drift strikes (freeze_after={policy.freeze_after})"
             out.append(
-                Decision(
-                    s.model_id, s.version, DriftAction.FREEZE,
-                    f"{strikes} consecutive drift strikes (freeze_after={policy.freeze_after})",
-                    DriftState.FROZEN, strikes,
-                )
-            )  # fmt: skip
+                Decision(s.model_id, s.version, DriftAction.FREEZE, reason, DriftState.FROZEN, strikes)
+            )
     return out
