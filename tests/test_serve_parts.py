@@ -228,6 +228,37 @@ def test_shared_company_adapter_loads_once_and_lru_evicts_only_unpinned(server, 
     assert cache.stats.evictions == 2
 
 
+def test_under_churn_every_held_lease_keeps_its_adapters_in_its_slots(server, world):
+    """Many requests over overlapping stacks on 4 slots: loads, evictions and waits interleave."""
+    import random
+
+    models = ["acme/search/dana", "acme/ops/kim", "globex/labs", "acme/search/lee", "acme", "baseco"]
+    stacks = {m: stack_entries(world, m) for m in models}
+    engine = server.engine
+
+    def holds(lease) -> bool:
+        return all(engine.slot(e.key) == s for e, s in zip(lease.entries, lease.slots, strict=True))
+
+    async def client(i: int) -> int:
+        rng, held = random.Random(i), 0
+        for _ in range(30):
+            lease = await server.cache.acquire(stacks[rng.choice(models)])
+            assert holds(lease)
+            await asyncio.sleep(rng.random() * 0.005)
+            assert holds(lease)  # nothing evicted or reloaded it while pinned
+            server.cache.release(lease)
+            held += 1
+        return held
+
+    async def go():
+        return await asyncio.gather(*(client(i) for i in range(10)))
+
+    assert sum(run(go())) == 300
+    st = server.cache.stats
+    assert st.evictions > 0 and st.loads == st.misses
+    assert not server.cache._installing and not server.cache._pins  # every pin released
+
+
 def test_concurrent_requests_for_a_missing_adapter_read_it_once(server, world):
     reads = []
     fetch = server.cache._fetch_sync
@@ -403,3 +434,41 @@ def test_runtime_refuses_prompt_ids_outside_the_vocabulary(world):
 
 def test_lease_of_the_bare_base_uses_no_slot():
     assert Lease((), ()).slots_L == [-1] and Lease((), ()).served_by == "base"
+
+
+def test_a_stream_resumed_from_any_point_finishes_exactly_like_the_original(server, world):
+    """What the ingress does when a replica dies mid-stream: resume from the tokens and text sent so far."""
+    tok = server.tokenizer
+    base_req = {
+        "entries": [e.__dict__ for e in stack_entries(world, "acme/search/dana")],
+        "prompt_ids": encode_prompt(tok, "Resume me"),
+        "max_tokens": 24,
+    }
+
+    async def chunks(req):
+        return [c async for c in server.stream(req)]
+
+    async def go():
+        plain = await chunks(base_req)
+        text = "".join(c["text"] for c in plain[1:])
+        # A stop string from the middle of the completion: resumes land before, inside and after it.
+        stop = [text[10:12]] if len(text) >= 12 else []
+        req = {**base_req, "stop": stop}
+        whole = await chunks(req)
+        out = await server.generate(req)
+        results = []
+        ids, sent = [], ""
+        for c in whole[1:-1]:
+            ids, sent = ids + c["ids"], sent + c["text"]
+            resumed = await chunks({**req, "resume_ids": ids, "resume_text": sent})
+            results.append((sent + "".join(c["text"] for c in resumed[1:]), resumed[-1]))
+        return whole, out, results
+
+    whole, out, results = run(go())
+    full = "".join(c["text"] for c in whole[1:])
+    assert full == out["text"] and whole[-1]["finish_reason"] == out["finish_reason"] == "stop"
+    assert len(results) >= 5
+    for text, last in results:
+        assert text == full
+        assert last["finish_reason"] == out["finish_reason"]
+        assert last["completion_tokens"] == out["completion_tokens"]

@@ -114,6 +114,8 @@ class Batcher:
         self.steps = 0
         self.tokens = 0
         self.max_rows_seen = 0
+        self.engine_s = 0.0  # time spent in engine steps (prefill + decode)
+        self.queue_to_first_token: deque[float] = deque(maxlen=4096)  # recent submit → first token, s
 
     # ------------------------------------------------------------------ public
     @property
@@ -193,6 +195,7 @@ class Batcher:
             self._to_cancel.clear()
             if not self._running:
                 continue
+            t0 = time.perf_counter()
             try:
                 outputs, results = await loop.run_in_executor(
                     self._executor, self._engine_step, admit, cancels
@@ -201,6 +204,7 @@ class Batcher:
                 log.exception("decode step failed; failing %d request(s)", len(self._running))
                 self._reset(exc)
                 continue
+            self.engine_s += time.perf_counter() - t0
             for rid in cancels:
                 job = self._running.pop(rid, None)
                 if job is not None:
@@ -235,6 +239,7 @@ class Batcher:
             job.n_tokens += 1
             if job.first_token_at is None:
                 job.first_token_at = now
+                self.queue_to_first_token.append(now - job.submitted_at)
             if out.finished:
                 del self._running[out.request_id]
                 job._mark_removed()

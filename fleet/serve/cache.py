@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.errors import FleetError, OverloadedError
+from fleet.errors import FleetError, OverloadedError, UnavailableError
 from fleet.registry import StackEntry
 
 log = logging.getLogger("fleet.serve")
@@ -76,8 +76,7 @@ class AdapterCache:
         *,
         capacity: int,
         fetch: Callable[[StackEntry], Any],
-        install: Callable[[str, Any], Awaitable[int]],
-        remove: Callable[[str], Awaitable[None]],
+        apply: Callable[[list[str], list[tuple[str, Any]]], Awaitable[list[int | BaseException]]],
         previous: Callable[[StackEntry], list[StackEntry]],
         retry_bad_s: float = 60.0,
         wait_s: float = 30.0,
@@ -85,19 +84,20 @@ class AdapterCache:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``fetch`` (blocking; run in a worker thread) reads and verifies one version's weights;
-        ``install``/``remove`` put a key into / take it out of an engine slot (on the engine thread);
-        ``previous`` (blocking) lists a model's earlier active versions, newest first.
+        ``apply(evict, load)`` unloads keys and loads ``(key, weights)`` pairs in the engine, in that
+        order, on the engine thread, returning each load's slot (or its exception); calls run in the
+        order they are made. ``previous`` (blocking) lists a model's earlier active versions, newest first.
         """
         self.capacity = capacity
         self._fetch_sync = fetch
-        self._install = install
-        self._remove = remove
+        self._apply = apply
         self._previous = previous
         self.retry_bad_s = retry_bad_s
         self.wait_s = wait_s
         self._on_event = on_event or (lambda kind, status: None)
         self._clock = clock
         self._slots: OrderedDict[str, int] = OrderedDict()  # resident key → slot, least recently used first
+        self._installing: dict[str, asyncio.Future] = {}  # key → its queued engine load
         self._pins: Counter[str] = Counter()
         self._bad: dict[str, _Bad] = {}
         self._inflight: dict[str, asyncio.Future] = {}
@@ -120,38 +120,34 @@ class AdapterCache:
         usable, fallbacks = await self._usable(wanted, known_bad)
         deadline = self._clock() + self.wait_s
         while True:
+            for i, (e, w) in enumerate(usable):  # resident when first seen, evicted since: read it again
+                if w is None and not self._held(e.key):
+                    usable[i] = (e, await self._fetch(e))
             freed = self._freed
             async with self._lock:
-                missing = [(e, w) for e, w in usable if e.key not in self._slots]  # check again
+                # Check again: meanwhile other requests may have loaded, or queued, what this one needs.
+                # Nothing below awaits, so the decision and the reservation are one atomic step.
+                missing = [(e, w) for e, w in usable if not self._held(e.key)]
                 keys = {e.key for e, _ in usable}
-                spare = (
-                    self.capacity
-                    - len(self._slots)
-                    + sum(1 for k in self._slots if self._pins[k] == 0 and k not in keys)
-                )
-                if len(missing) <= spare:
-                    for e, _ in usable:  # pin what is resident so our own evictions keep it
-                        if e.key in self._slots:
-                            self._pins[e.key] += 1
-                    try:
-                        for e, weights in missing:
-                            await self._load(e, weights)
-                            self._pins[e.key] += 1
-                    except BaseException:
-                        for e, _ in usable:
-                            if self._pins[e.key] > 0 and e.key in self._slots:
-                                self._unpin(e.key)
-                        raise
-                    for e, _ in usable:
-                        self._slots.move_to_end(e.key)
-                    self.stats.hits += len(usable) - len(missing)
+                free = self.capacity - len(self._slots) - len(self._installing)
+                evictable = [k for k in self._slots if self._pins[k] == 0 and k not in keys]
+                if any(w is None for _, w in missing):
+                    continue  # evicted between our read and now: read it again
+                if len(missing) <= free + len(evictable):
+                    for k in keys:  # pinned first: our own evictions must not take them
+                        self._pins[k] += 1
+                    if missing:
+                        self._reserve(
+                            [(e.key, w) for e, w in missing], evictable[: max(0, len(missing) - free)]
+                        )
+                    hits = len(usable) - len(missing)
+                    self.stats.hits += hits
                     self.stats.misses += len(missing)
-                    for _ in range(len(usable) - len(missing)):
-                        self._on_event("hit", "ok")
-                    for _ in missing:
-                        self._on_event("miss", "ok")
-                    entries_used = tuple(e for e, _ in usable)
-                    return Lease(entries_used, tuple(self._slots[e.key] for e in entries_used), fallbacks)
+                    for kind, n in (("hit", hits), ("miss", len(missing))):
+                        for _ in range(n):
+                            self._on_event(kind, "ok")
+                    waits = {id(f): f for k in keys if (f := self._installing.get(k)) is not None}
+                    break
             remaining = deadline - self._clock()
             if remaining <= 0:
                 raise OverloadedError(
@@ -161,6 +157,20 @@ class AdapterCache:
                 await asyncio.wait_for(freed.wait(), remaining)
             except TimeoutError:
                 pass
+        try:
+            for fut in waits.values():
+                await asyncio.shield(fut)
+            missing_now = [k for k in keys if k not in self._slots]
+            if missing_now:
+                raise UnavailableError(f"adapter {missing_now[0]} could not be loaded into the engine")
+        except BaseException:
+            for k in keys:
+                self._unpin(k)
+            raise
+        used = tuple(e for e, _ in usable)
+        for e in used:
+            self._slots.move_to_end(e.key)
+        return Lease(used, tuple(self._slots[e.key] for e in used), fallbacks)
 
     def release(self, lease: Lease) -> None:
         for e in lease.entries:
@@ -203,7 +213,7 @@ class AdapterCache:
         self, entries: list[StackEntry], fallbacks: list[str]
     ) -> tuple[list[tuple[StackEntry, Any]], tuple[str, ...]]:
         """Each level's entry to serve with its fetched weights (None when already resident)."""
-        pending = [None if e.key in self._slots else asyncio.ensure_future(self._fetch(e)) for e in entries]
+        pending = [None if self._held(e.key) else asyncio.ensure_future(self._fetch(e)) for e in entries]
         usable: list[tuple[StackEntry, Any]] = []
         fallbacks = list(fallbacks)
         for e, fut in zip(entries, pending, strict=True):
@@ -237,7 +247,7 @@ class AdapterCache:
             earlier = []
         for prev in earlier:
             try:
-                weights = None if prev.key in self._slots else await self._fetch(prev)
+                weights = None if self._held(prev.key) else await self._fetch(prev)
             except FleetError as prev_exc:
                 log.warning("earlier version %s cannot be served either: %s", prev.key, prev_exc)
                 continue
@@ -259,17 +269,36 @@ class AdapterCache:
             fut.add_done_callback(lambda _f, k=entry.key: self._inflight.pop(k, None))
         return await asyncio.shield(fut)
 
-    async def _load(self, entry: StackEntry, weights: Any) -> None:
-        """Put one adapter into a slot (called with the lock held and room guaranteed)."""
-        if weights is None:  # resident when we looked, evicted since
-            weights = await self._fetch(entry)
-        if len(self._slots) >= self.capacity:
-            victim = next(k for k in self._slots if self._pins[k] == 0)
-            await self._remove(victim)
-            del self._slots[victim]
+    def _held(self, key: str) -> bool:
+        return key in self._slots or key in self._installing
+
+    def _reserve(self, loads: list[tuple[str, Any]], victims: list[str]) -> None:
+        """Queue one engine call that evicts ``victims`` and loads ``loads`` (called under the lock).
+
+        The slots are accounted for now, so calls queue in the order they were decided and each
+        finds room in the engine. The task itself records the outcome before it completes, so
+        whoever sees it done sees the table updated, even if the request that made it has gone.
+        """
+        for k in victims:
+            del self._slots[k]
             self.stats.evictions += 1
             self._on_event("evict", "ok")
-        slot = await self._install(entry.key, weights)
-        self._slots[entry.key] = slot
-        self.stats.loads += 1
-        self._on_event("load", "ok")
+        task = asyncio.ensure_future(self._install(victims, loads))
+        for k, _ in loads:
+            self._installing[k] = task
+
+    async def _install(self, victims: list[str], loads: list[tuple[str, Any]]) -> None:
+        try:
+            results: list[Any] = list(await self._apply(victims, loads))
+        except BaseException as exc:  # recorded per key below, never lost
+            results = [exc] * len(loads)
+        for (k, _), slot in zip(loads, results, strict=True):
+            del self._installing[k]
+            if isinstance(slot, int):
+                self._slots[k] = slot
+                self.stats.loads += 1
+                self._on_event("load", "ok")
+            else:
+                log.error("loading adapter %s into the engine failed: %s", k, slot)
+        freed, self._freed = self._freed, asyncio.Event()
+        freed.set()

@@ -317,25 +317,50 @@ class FleetIngress:
             return p.sse(p.completion_chunk(reply, model, text, finish))
 
         async def events() -> AsyncIterator[bytes]:
+            nonlocal gen
             status, ttft, n_out, finished = 200, None, 0, False
+            ids: list[int] = []  # generated so far, and the text sent for them: enough to resume
+            sent = ""
+            resumes = 0
             try:
                 if chat:
                     yield p.sse(p.chat_chunk(reply, model, {"role": "assistant", "content": ""}, None))
                 if echo:
                     yield chunk(echo)
-                async for item in gen:
-                    if item["type"] == "delta":
-                        ttft = ttft if ttft is not None else time.perf_counter() - t0
-                        yield chunk(item["text"])
-                    elif item["type"] == "end":
-                        finished, n_out = True, item["completion_tokens"]
-                        if item["text"]:
-                            ttft = ttft if ttft is not None else time.perf_counter() - t0
-                            yield chunk(item["text"])
-                        yield chunk("", item["finish_reason"])
-                        if body.include_usage:
-                            obj = "chat.completion.chunk" if chat else "text_completion"
-                            yield p.sse(p.usage_chunk(reply, model, obj, p.usage(n_prompt, n_out)))
+                while not finished:
+                    try:
+                        async for item in gen:
+                            text = item.get("text", "")
+                            if text:
+                                ttft = ttft if ttft is not None else time.perf_counter() - t0
+                                sent += text
+                                yield chunk(text)
+                            if item["type"] == "delta":
+                                ids.extend(item["ids"])
+                            elif item["type"] == "end":
+                                finished, n_out = True, item["completion_tokens"]
+                                yield chunk("", item["finish_reason"])
+                                if body.include_usage:
+                                    obj = "chat.completion.chunk" if chat else "text_completion"
+                                    yield p.sse(p.usage_chunk(reply, model, obj, p.usage(n_prompt, n_out)))
+                                break
+                        else:
+                            raise UnavailableError("the model replica ended the stream without finishing it")
+                    except Exception as exc:
+                        # The replica went away mid-stream: continue on another from the tokens sent so far.
+                        if (
+                            as_fleet_error(exc) is not None
+                            or not isinstance(exc, self._retryable)
+                            or resumes >= 2
+                        ):
+                            raise
+                        resumes += 1
+                        log.warning(
+                            "model replica lost mid-stream (%s); resuming on another", type(exc).__name__
+                        )
+                        gen, _ = await self._open_stream(
+                            stack, {**payload, "resume_ids": ids, "resume_text": sent}
+                        )
                 yield p.SSE_DONE
             except Exception as exc:  # the stream has started: report in-band, as OpenAI does
                 err = as_fleet_error(exc) or UnavailableError(f"the stream failed: {type(exc).__name__}")

@@ -55,8 +55,7 @@ class ModelServer:
         self.cache = AdapterCache(
             capacity=self.engine.capacity,
             fetch=self._fetch,
-            install=lambda key, w: self.batcher.run_engine(self.engine.load, key, w),
-            remove=lambda key: self.batcher.run_engine(self.engine.unload, key),
+            apply=lambda evict, loads: self.batcher.run_engine(self._swap_adapters, evict, loads),
             previous=self._previous,
             on_event=metrics.adapter_event if metrics else None,
         )
@@ -94,41 +93,77 @@ class ModelServer:
             self._release_when_done(job, lease)
 
     async def stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """The same, as chunks: ``start`` (who serves it), ``delta`` texts, ``end``."""
+        """The same, as chunks: ``start`` (who serves it), ``delta`` (text, and the token ids behind
+        it), ``end``.
+
+        A stream the ingress resumes on another replica (the first one died) carries ``resume_ids``
+        (tokens generated so far) and ``resume_text`` (text already sent): decoding continues from
+        there and the client sees one uninterrupted completion. Stop strings are checked here, token
+        by token over the whole completion, so one that straddles the resume point is still found.
+        """
+        resume_ids = [int(t) for t in req.get("resume_ids") or []]
+        emitted = str(req.get("resume_text") or "")
+        stop = list(req.get("stop") or [])
+        longest = max((len(s) for s in stop), default=0)
+        remaining = int(req["max_tokens"]) - len(resume_ids)
         lease = await self.cache.acquire(_entries(req))
         job: Job | None = None
         try:
-            job = self.batcher.submit(_job(req, lease))
+            if remaining > 0:
+                prompt = list(req["prompt_ids"]) + resume_ids
+                job = self.batcher.submit(
+                    _job({**req, "prompt_ids": prompt, "max_tokens": remaining, "stop": []}, lease)
+                )
             yield {"type": "start", "served_by": lease.served_by, "fallbacks": len(lease.fallbacks)}
-            stop = req.get("stop") or []
-            # Text that a stop string may still swallow is held back until the row finishes.
-            hold = max((len(s) for s in stop), default=1) - 1
-            ids: list[int] = []
-            emitted = ""
+            ids = list(resume_ids)
+            checked = len(self.tokenizer.decode(ids)) if ids else 0
+
+            def take(token: int) -> str | None:
+                """Add a token; the completion's final text if it now contains a stop string."""
+                nonlocal checked
+                ids.append(token)
+                text = self.tokenizer.decode(ids)
+                hit = _first_stop(text, stop, max(0, checked - longest))
+                checked = len(text)
+                return None if hit is None else text[:hit]
+
+            def end(final: str, reason: str, n_tokens: int) -> dict[str, Any]:
+                tail = final[len(emitted) :] if final.startswith(emitted) else ""
+                return {"type": "end", "text": tail, "finish_reason": reason, "completion_tokens": n_tokens}
+
+            if job is None:  # resumed right at the length limit
+                yield end(self.tokenizer.decode(ids), "length", len(ids))
+                return
             while True:
                 events = [await job.events.get()]
                 while not job.events.empty():
                     events.append(job.events.get_nowait())
+                new: list[int] = []
                 for event in events:
                     if isinstance(event, Failed):
                         raise event.error
                     if isinstance(event, Done):
-                        final = event.generation.text
-                        tail = final[len(emitted) :] if final.startswith(emitted) else ""
-                        yield {
-                            "type": "end",
-                            "text": tail,
-                            "finish_reason": event.generation.finish_reason,
-                            "completion_tokens": event.completion_tokens,
-                        }
+                        gen = event.generation
+                        for token in gen.token_ids[len(ids) - len(resume_ids) :]:  # the finishing token
+                            if (final := take(token)) is not None:
+                                yield end(final, "stop", len(ids))
+                                return
+                        n_tokens = len(resume_ids) + event.completion_tokens
+                        yield end(self.tokenizer.decode(ids), gen.finish_reason, n_tokens)
                         return
-                    ids.append(event.token_id)
+                    new.append(event.token_id)
+                    if (final := take(event.token_id)) is not None:
+                        yield end(final, "stop", len(ids))
+                        return
                 text = self.tokenizer.decode(ids)
-                safe = text[: len(text) - hold] if hold else text
-                safe = safe.rstrip("\ufffd")  # an incomplete UTF-8 sequence waits for its next byte
-                if len(safe) > len(emitted) and safe.startswith(emitted):
-                    yield {"type": "delta", "text": safe[len(emitted) :]}
-                    emitted = safe
+                # Text a stop string may still swallow waits. So does a final U+FFFD: it may be an
+                # incomplete UTF-8 sequence that the next token completes (lossy decoding turns an
+                # incomplete tail into exactly one U+FFFD; earlier ones are final).
+                safe = text[: len(text) - longest + 1] if longest > 1 else text
+                safe = safe[:-1] if safe.endswith("\ufffd") else safe
+                delta = safe[len(emitted) :] if len(safe) > len(emitted) and safe.startswith(emitted) else ""
+                emitted += delta
+                yield {"type": "delta", "text": delta, "ids": new}
         finally:
             self._release_when_done(job, lease)
 
@@ -146,6 +181,9 @@ class ModelServer:
             "steps": self.batcher.steps,
             "tokens": self.batcher.tokens,
             "max_rows_seen": self.batcher.max_rows_seen,
+            "engine_s": self.batcher.engine_s,
+            "first_token_p50_s": _quantile(self.batcher.queue_to_first_token, 0.5),
+            "first_token_p99_s": _quantile(self.batcher.queue_to_first_token, 0.99),
             "in_flight": self.batcher.load,
         }
 
@@ -183,6 +221,18 @@ class ModelServer:
             offset += len(self.tokenizer.decode([row["token_id"]], skip_special_tokens=True))
         return {"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": top, "text_offset": offsets}
 
+    def _swap_adapters(self, evict: list[str], loads: list[tuple[str, AdapterWeights]]) -> list:
+        """On the engine thread: unload ``evict``, then load each adapter (its slot, or why it failed)."""
+        for key in evict:
+            self.engine.unload(key)
+        out: list = []
+        for key, weights in loads:
+            try:
+                out.append(self.engine.load(key, weights))
+            except Exception as exc:  # one adapter that does not fit must not fail the others
+                out.append(exc)
+        return out
+
     def _fetch(self, entry: StackEntry) -> AdapterWeights:
         """Read, verify (sha256) and parse one version; refuse one that does not fit this engine."""
         files = self.store.read_version(entry.uri, entry.sha256)
@@ -211,6 +261,17 @@ class ModelServer:
         ]
         earlier.sort(key=lambda v: (v.activated_at, v.version), reverse=True)
         return [StackEntry(v.model_id, v.version, v.sha256, v.uri, v.rank, v.alpha) for v in earlier]
+
+
+def _quantile(values, q: float) -> float | None:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
+
+
+def _first_stop(text: str, stop: list[str], start: int) -> int | None:
+    """Where the earliest stop string begins in ``text[start:]`` (None: nowhere)."""
+    hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
+    return min(hits) if hits else None
 
 
 def _entries(req: dict[str, Any]) -> list[StackEntry]:
