@@ -145,11 +145,11 @@ def weight_metrics(
     The work is two batched Gram matmuls per module and level pair plus r×r float64 algebra; B·A is
     never formed. Feed large fleets in chunks of a few thousand models (memory: the factors only).
     """
-    n = check_uniform_n(deltas)
+    check_uniform_n(deltas)
     modules = tuple(deltas)
     stats = module_stats([deltas[m] for m in modules])
     device = stats[0].fro.device
-    col = lambda f: torch.stack([getattr(s, f) for s in stats], -1) if stats else torch.zeros(n, 0)  # noqa: E731
+    col = lambda f: torch.stack([getattr(s, f) for s in stats], -1)  # noqa: E731
     return WeightMetrics(
         modules=modules,
         fro_NM=col("fro"),
