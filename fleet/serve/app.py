@@ -7,6 +7,7 @@ them per deployment, as the rendered Kubernetes manifests do.
 
 from __future__ import annotations
 
+import signal
 import time
 from typing import Any
 
@@ -80,12 +81,20 @@ def run(cfg: FleetConfig, *, port: int | None = None, address: str | None = None
     if address:
         cfg = cfg.model_copy(deep=True)
         cfg.ray.address = address
+    try:  # the default tiny base is built on first use, here, once, not in every replica
+        from fleet.base.build import ensure_base
+    except ImportError:
+        ensure_base = None
+    if ensure_base is not None:
+        ensure_base(cfg)
     dashboard = ensure_ray(cfg)
     url = start(cfg, port=port)
     echo(f"fleet is serving at {url}/v1  (OpenAI-compatible; model = a fleet model id)")
     if dashboard:
         echo(f"Ray dashboard: {dashboard}")
     echo("Ctrl-C stops it.")
+    # SIGTERM (a container stopping, a service manager) stops it the same way as Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
             time.sleep(3600)
@@ -95,3 +104,7 @@ def run(cfg: FleetConfig, *, port: int | None = None, address: str | None = None
         serve.delete(cfg.serve.app_name)
         if not address and not cfg.ray.address:
             serve.shutdown()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

@@ -38,7 +38,7 @@ def base_dir(cfg: FleetConfig) -> Path:
 def load_tokenizer(cfg: FleetConfig) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(base_dir(cfg)))
+    tok = AutoTokenizer.from_pretrained(str(base_dir(cfg)), local_files_only=True)
     if not getattr(tok, "chat_template", None):
         tok.chat_template = SIMPLE_CHAT_TEMPLATE
     return tok
@@ -60,29 +60,31 @@ def max_rank(cfg: FleetConfig) -> int:
     return max(ranks)
 
 
-def load_base_model(cfg: FleetConfig) -> Any:
-    """The base as a torch module in eval mode, on the configured device and dtype."""
+def load_base_model(cfg: FleetConfig) -> tuple[Any, Any]:
+    """(model, tokenizer): the base in eval mode on the configured device and dtype."""
     import torch
 
     path = base_dir(cfg)
-    try:  # fleet.base owns loading when present (device and dtype resolution in one place)
-        from fleet.base import load_base  # type: ignore[attr-defined]
-    except ImportError:
-        load_base = None
-    if load_base is not None:
-        loaded = load_base(path, device=cfg.base.device, dtype=cfg.base.dtype)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        return model.eval()
-    from transformers import AutoModelForCausalLM
+    try:  # fleet.base owns loading (local files only, device and dtype resolution)
+        from fleet.base.loading import load_base, resolve_device, resolve_dtype
+    except ImportError:  # a build without fleet.base's loader: plain transformers, same rules
+        from transformers import AutoModelForCausalLM
 
-    device = cfg.base.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype_name = cfg.base.dtype
-    if dtype_name == "auto":
-        dtype_name = "bfloat16" if str(device).startswith("cuda") else "float32"
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype_name))
-    return model.to(device).eval()
+        device = cfg.base.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        name = cfg.base.dtype
+        if name == "auto":
+            name = "bfloat16" if str(device).startswith("cuda") else "float32"
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=getattr(torch, name), local_files_only=True
+        )
+        return model.to(device).eval(), load_tokenizer(cfg)
+    device = resolve_device(cfg.base.device)
+    model, tokenizer = load_base(path, device=device, dtype=resolve_dtype(cfg.base.dtype, device))
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
+    return model, tokenizer
 
 
 @dataclass
@@ -101,8 +103,7 @@ class ServingRuntime:
 def build_runtime(cfg: FleetConfig, *, slots: int | None = None) -> ServingRuntime:
     from fleet.lora import LoraEngine
 
-    tokenizer = load_tokenizer(cfg)
-    model = load_base_model(cfg)
+    model, tokenizer = load_base_model(cfg)
     engine = LoraEngine(
         model,
         target_modules=cfg.lora.target_modules,
