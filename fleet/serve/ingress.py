@@ -2,13 +2,14 @@
 
 Per request: bearer key → company (401) → the company's rate (429) → body (400) → model id →
 active stack (404, the same for unknown and foreign models) → prompt tokens (413 past the
-context) → the model deployment, routed by the stack's key as Serve's multiplexed model id.
-The response names the stack that answered in ``X-Fleet-Served-By``. Errors use OpenAI's JSON
-shape. A replica that dies before answering is retried on another; one that dies mid-stream
-ends the stream with an error event.
+context) → the model deployment, routed by the stack (``route_id``) as Serve's multiplexed
+model id. The response names the stack that answered in ``X-Fleet-Served-By``. Errors use
+OpenAI's JSON shape. A replica that dies before answering is retried on another; a stream whose
+replica dies continues on another from the tokens already sent.
 """
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -46,6 +47,17 @@ def _retryable() -> tuple[type[BaseException], ...]:
         if hasattr(rex, name):
             kinds.append(getattr(rex, name))
     return tuple(kinds)
+
+
+def route_id(stack: Stack) -> str:
+    """Serve's multiplexed model id for a stack: a digest of ``stack.key`` (the stack's versions).
+
+    The same stack always gets the same id, so routing prefers replicas that hold it, and a
+    promotion changes it. A digest rather than the key itself because Ray Serve exports the ids
+    a replica holds as a metric label (serve_registered_multiplexed_model_id), and model ids
+    (tenant names) must not reach metrics.
+    """
+    return "stack-" + hashlib.sha256(stack.key.encode()).hexdigest()[:32]
 
 
 def as_fleet_error(exc: BaseException) -> FleetError | None:
@@ -270,7 +282,7 @@ class FleetIngress:
         }
 
     async def _call(self, stack: Stack, payload: dict[str, Any]) -> dict[str, Any]:
-        handle = self.model.options(multiplexed_model_id=stack.key)
+        handle = self.model.options(multiplexed_model_id=route_id(stack))
         for delay in (*RETRY_DELAYS_S, None):
             try:
                 return await handle.generate.remote(payload)
@@ -280,7 +292,7 @@ class FleetIngress:
         raise AssertionError("unreachable")
 
     async def _open_stream(self, stack: Stack, payload: dict[str, Any]):
-        handle = self.model.options(multiplexed_model_id=stack.key, stream=True)
+        handle = self.model.options(multiplexed_model_id=route_id(stack), stream=True)
         for delay in (*RETRY_DELAYS_S, None):
             gen = handle.stream.remote(payload)
             try:

@@ -2,8 +2,8 @@
 an adapter cache over its slots and a continuous batcher.
 
 A request arrives from the ingress with its resolved stack (the registry's active versions,
-company first) and Serve's multiplexed model id set to the stack's key, so that Serve prefers
-replicas that already hold that stack. Here: register the id with Serve's multiplex cache (which
+company first) and Serve's multiplexed model id set to a digest of the stack's key, so that
+Serve prefers replicas that already hold that stack. Here: register the id with Serve's multiplex cache (which
 reports it for routing), pin the stack's adapters (loading what is missing), decode with every
 other request in flight, release the pins when the row has left the batch.
 """
