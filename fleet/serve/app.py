@@ -81,12 +81,8 @@ def run(cfg: FleetConfig, *, port: int | None = None, address: str | None = None
     if address:
         cfg = cfg.model_copy(deep=True)
         cfg.ray.address = address
-    try:  # the default tiny base is built on first use, here, once, not in every replica
-        from fleet.base.build import ensure_base
-    except ImportError:
-        ensure_base = None
-    if ensure_base is not None:
-        ensure_base(cfg)
+    if not cfg.ray.address:
+        _prepare_local(cfg)
     dashboard = ensure_ray(cfg)
     url = start(cfg, port=port)
     echo(f"fleet is serving at {url}/v1  (OpenAI-compatible; model = a fleet model id)")
@@ -104,6 +100,21 @@ def run(cfg: FleetConfig, *, port: int | None = None, address: str | None = None
         serve.delete(cfg.serve.app_name)
         if not address and not cfg.ray.address:
             serve.shutdown()
+
+
+def _prepare_local(cfg: FleetConfig) -> None:
+    """Once, here, before replicas start: build the default tiny base if it is missing, and create or
+    migrate the registry (replicas open it without migrating, so they never race on a migration)."""
+    from fleet.registry import Registry
+
+    try:
+        from fleet.base.build import ensure_base
+    except ImportError:  # a build without fleet.base's builder: the base must already exist
+        ensure_base = None
+    if ensure_base is not None:
+        ensure_base(cfg)
+    cfg.data_path.mkdir(parents=True, exist_ok=True)
+    Registry.open(cfg).close()
 
 
 def _interrupt(signum: int, frame: Any) -> None:
