@@ -141,7 +141,10 @@ def test_engine_refuses_adapters_that_do_not_fit_its_base(plain) -> None:
     engine = LoraEngine(copy.deepcopy(plain), target_modules=["q_proj", "v_proj"], max_slots=2, max_rank=4)
     other_base = tiny_llama(vocab=96, hidden=64, layers=2, heads=4, intermediate=96)
     with pytest.raises(UnsupportedAdapterError, match="different base"):
+        engine.check(random_lora(other_base, rank=2, target_modules=("q_proj",)))
+    with pytest.raises(UnsupportedAdapterError, match="different base"):
         engine.load("wrong", random_lora(other_base, rank=2, target_modules=("q_proj",)))
+    engine.check(random_lora(plain, rank=2, target_modules=("q_proj", "v_proj")))  # fits: no error
     with pytest.raises(UnsupportedAdapterError, match="add 'o_proj'"):
         engine.load("more", random_lora(plain, rank=2, target_modules=("q_proj", "o_proj")))
     partial = random_lora(plain, rank=2, target_modules=("q_proj",))

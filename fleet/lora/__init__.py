@@ -22,9 +22,12 @@ Contract (stable):
 - ``LoraEngine(model, *, target_modules, max_slots, max_rank, dtype=None)``: ``model``,
   ``load(key, weights, *, trainable=False) -> slot``, ``unload(key)``, ``slot(key)``,
   ``keys()``, ``free_slots``, ``capacity``, ``set_trainable(key, flag)``, ``is_trainable(key)``,
-  ``rank(key)``, ``adapted_modules(key)``, ``export(key)``, ``rows(slots_BL)`` (context),
-  ``plan(slots_BL)`` (a reusable, validated row plan ``rows()`` also accepts), ``layers``,
-  ``device``, ``version`` (bumped by every load/unload/trainability change).
+  ``rank(key)``, ``adapted_modules(key)``, ``export(key)``, ``check(weights)`` (raise what
+  ``load`` would, load nothing), ``rows(slots_BL)`` (context), ``plan(slots_BL)`` (a reusable,
+  validated row plan ``rows()`` also accepts); attributes ``max_rank``, ``target_modules``,
+  ``dtype``, ``device``, ``layers`` (module path → wrapped layer with ``d_in``, ``d_out``,
+  ``max_rank``, ``At_SDR``, ``Bt_SRO``), ``version`` (bumped by every load/unload/trainability
+  change).
   Errors: ``CapacityError`` (no free slot, rank > max_rank), ``NotFoundError`` (unknown key),
   ``UnsupportedAdapterError`` (adapter does not fit this base), ``ValidationError`` (bad slots).
 - ``SlotAdamW(engine, keys, *, betas, eps, weight_decay)``: ``set_lr``, ``grad_norms``,

@@ -122,6 +122,10 @@ class LoraEngine:
         """Module paths the adapter in ``key`` adapts (the other wrapped modules hold zeros for it)."""
         return list(self._entry(key).modules)
 
+    def check(self, weights: AdapterWeights) -> None:
+        """Raise what ``load`` would raise for this adapter (rank, modules, shapes), without loading it."""
+        self._check(weights)
+
     def load(self, key: str, weights: AdapterWeights, *, trainable: bool = False) -> int:
         """Copy an adapter into a free slot (or over the slot ``key`` already holds) and return the slot."""
         if not isinstance(key, str) or not key:
