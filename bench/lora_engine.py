@@ -15,6 +15,7 @@ import copy
 import functools
 import hashlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -254,6 +255,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     console = Console()
+    load_before = os.getloadavg()
 
     base = tiny_llama()
     plain = copy.deepcopy(base)  # unwrapped: the base model alone, and PEFT's base
@@ -328,6 +330,9 @@ def main() -> None:
             "timing": "wall clock, median over interleaved rounds; base = faster of HF+DynamicCache and fleet's path",
             "device": "cpu",
             "threads": torch.get_num_threads(),
+            # Other work on the machine while this ran (1-minute load average, before and after).
+            "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+            "cpu_count": os.cpu_count(),
         },
         "versions": {
             "torch": torch.__version__,

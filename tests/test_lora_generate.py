@@ -156,7 +156,9 @@ def test_text_prompts_and_bad_requests(engine: LoraEngine) -> None:
 
 
 def test_bfloat16_generation_follows_its_own_forward() -> None:
-    model = tiny_llama(vocab=VOCAB, hidden=64, layers=2, heads=4, intermediate=128, seed=3, dtype=torch.bfloat16)
+    model = tiny_llama(
+        vocab=VOCAB, hidden=64, layers=2, heads=4, intermediate=128, seed=3, dtype=torch.bfloat16
+    )
     engine = LoraEngine(model, max_slots=2, max_rank=4)
     engine.load("a", random_lora(model, rank=4, seed=1, std=0.2))
     out = generate(engine, None, [[5, 6, 7], [9]], [[0], [-1]], max_new_tokens=4, eos_token_id=NO_EOS)

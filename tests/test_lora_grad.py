@@ -155,7 +155,9 @@ def test_one_token_rows_use_the_decode_kernel_and_still_train_like_peft(setup, t
     with engine.rows(slots[rows]):
         engine.model(ids[rows, :1]).logits.logsumexp(-1).sum().backward()
     ours = slot_grads(engine, "solo")
-    peft_model = PeftModel.from_pretrained(copy.deepcopy(plain), adapters["solo"].to_peft_dir(tmp_path), is_trainable=True)
+    peft_model = PeftModel.from_pretrained(
+        copy.deepcopy(plain), adapters["solo"].to_peft_dir(tmp_path), is_trainable=True
+    )
     peft_model.eval()
     peft_model(input_ids=ids[rows, :1]).logits.logsumexp(-1).sum().backward()
     for n, p in peft_model.named_parameters():
