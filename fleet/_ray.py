@@ -24,13 +24,14 @@ def ensure_ray(cfg: FleetConfig, *, log_to_driver: bool = False, dashboard: bool
            if k in os.environ}
     env.update({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_V2_ENABLED": "1"})
     kwargs = dict(namespace=cfg.ray.namespace, log_to_driver=log_to_driver, runtime_env={"env_vars": env})
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")  # inside a Ray job: its cluster
     try:
-        if cfg.ray.address:
-            ray.init(address=cfg.ray.address, **kwargs)
+        if address:
+            ray.init(address=address, **kwargs)
         else:
             ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=dashboard, **kwargs)
     except ConnectionError as exc:
-        raise UnavailableError(f"cannot reach the Ray cluster at {cfg.ray.address}: {exc}") from None
+        raise UnavailableError(f"cannot reach the Ray cluster at {address}: {exc}") from None
     return _dashboard_url()
 
 

@@ -10,26 +10,62 @@ from fleet import _cli_common as common
 def register(app: typer.Typer) -> None:
     @app.command()
     def run(
-        every: str = typer.Option(None, "--every", help="Run a cycle every interval (10m, 1h)."),
+        every: str = typer.Option(None, "--every", help="Run a cycle every interval (90s, 10m, 1h)."),
         once: bool = typer.Option(False, "--once", help="Run one cycle and exit."),
+        steps: int = typer.Option(None, "--steps", help="Override every member's schedule length."),
     ) -> None:
-        """The control loop: plan, train, score drift, promote, as Ray jobs."""
-        common.not_built("fleet run")
+        """The control loop: each cycle planned here and trained as the Ray job fleet-cycle-<n>."""
+        from fleet.context import Fleet
+        from fleet.errors import ValidationError
+        from fleet.ops.control import run_loop
+        from fleet.ops.jobs import parse_interval
+
+        if not once and not every:
+            raise ValidationError("give --once, or --every INTERVAL (e.g. --every 10m)")
+        every_s = parse_interval(every) if every else None
+        results = run_loop(Fleet(common.config()), every_s=every_s, once=once, steps=steps,
+                           config_path=common._state["config_path"], console=common.console)
+        if any(r["status"] != "SUCCEEDED" for r in results):
+            raise typer.Exit(3)
 
     @app.command()
     def sweep(
-        tier: str = typer.Option(..., "--tier"),
-        samples: int = typer.Option(4, "--samples"),
-        models: int = typer.Option(4, "--models"),
-        apply: bool = typer.Option(False, "--apply"),
+        tier: str = typer.Option(..., "--tier", help="company, team or individual."),
+        samples: int = typer.Option(4, "--samples", help="Trials."),
+        models: int = typer.Option(4, "--models", help="Models of the tier each trial trains."),
+        apply: bool = typer.Option(False, "--apply", help="Store the winner as the tier's schedule."),
+        steps: int = typer.Option(None, "--steps", help="Steps per trial (default: the tier's schedule)."),
+        plot: str = typer.Option(None, "--plot", help="Write a PNG of the trials."),
+        json_out: bool = typer.Option(False, "--json"),
     ) -> None:
-        """Ray Tune sweep over a tier's learning schedule."""
-        common.not_built("fleet sweep")
+        """Ray Tune sweep over a tier's learning schedule (ASHA stops bad trials early)."""
+        from fleet.context import Fleet
+        from fleet.ops.sweep import run_sweep
+
+        fl = Fleet(common.config())
+        res = run_sweep(fl, tier=tier, samples=samples, models=models, apply=apply, steps=steps,
+                        plot=plot or str(fl.cfg.data_path / f"sweep-{tier}.png"),
+                        console=None if json_out else common.console)
+        if json_out:
+            from dataclasses import asdict
+
+            common.print_json(asdict(res))
 
     @app.command("eval")
     def eval_(
-        models: int = typer.Option(20, "--models"),
+        models: int = typer.Option(20, "--models", help="Individuals to sample."),
+        facts: str = typer.Option(None, "--facts", help="Facts file (default: the demo's)."),
         json_out: bool = typer.Option(False, "--json"),
+        seed: int = typer.Option(0, "--seed"),
     ) -> None:
         """Measure private-fact recall, tokens saved, leakage and forgetting."""
-        common.not_built("fleet eval")
+        from fleet.context import Fleet
+        from fleet.ops.evaluate import evaluate, read_facts, render
+
+        fl = Fleet(common.config())
+        path = facts or str(fl.cfg.data_path / "demo" / "facts.jsonl")
+        res = evaluate(fl, read_facts(path), models=models, seed=seed)
+        if json_out:
+            common.print_json(res)
+        else:
+            render(res, common.console)

@@ -124,3 +124,38 @@ def fleet_config(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     return load_config(overrides={"data_dir": str(tmp_path / "fleet-data")}, env={})
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """fleet's tiny offline base, built once per test session (the real build, ≤60 s).
+
+    ``FLEET_TEST_BASE=/path`` reuses an already built base (handy when iterating locally).
+    """
+    from fleet.base import build_tiny_base
+
+    if os.environ.get("FLEET_TEST_BASE"):
+        return Path(os.environ["FLEET_TEST_BASE"])
+    return build_tiny_base(tmp_path_factory.mktemp("base") / "tiny", seed=0, progress=False)
+
+
+def make_config(tmp_path: Path, base: Path, **overrides):
+    """A config over a temporary data dir and the session's tiny base."""
+    from fleet.config import load_config
+
+    raw = {"data_dir": str(tmp_path / "fleet-data"), "base": {"path": str(base)}}
+    for key, value in overrides.items():
+        raw.setdefault(key, {}).update(value) if isinstance(value, dict) else raw.__setitem__(key, value)
+    return load_config(overrides=raw, env={})
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray, once per test module."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()

@@ -123,6 +123,18 @@ class OpsMixin(RegistryCore):
                 .values(status=status.value, summary=summary, finished_at=self.now())
             )
 
+    def get_cycle(self, cycle_id: int) -> dict[str, Any]:
+        with self.read() as conn:
+            row = conn.execute(select(CYCLES).where(CYCLES.c.id == cycle_id)).first()
+        if row is None:
+            raise NotFoundError(f"no cycle {cycle_id}")
+        return dict(row._mapping)
+
+    def update_cycle(self, cycle_id: int, summary: dict[str, Any]) -> None:
+        """Replace a running cycle's summary (e.g. with its plan, before its job starts)."""
+        with self.tx() as conn:
+            conn.execute(update(CYCLES).where(CYCLES.c.id == cycle_id).values(summary=summary))
+
     def list_cycles(self, limit: int = 10) -> list[dict[str, Any]]:
         with self.read() as conn:
             rows = conn.execute(select(CYCLES).order_by(CYCLES.c.id.desc()).limit(limit)).all()

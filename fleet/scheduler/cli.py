@@ -29,14 +29,23 @@ def register(app: typer.Typer) -> None:
         plan_and_show(cfg, demand, json_out=json_out)
 
     @app.command()
-    def cycle() -> None:
-        """Schedule, train the packs, record usage: one cycle."""
-        from fleet.errors import NotBuiltError
+    def cycle(
+        steps: int = typer.Option(None, "--steps", help="Override every member's schedule length."),
+        cycle_id: int = typer.Option(None, "--cycle-id", help="Execute this prepared cycle (what a cycle job runs)."),
+    ) -> None:
+        """Schedule, train the packs, score drift, record usage: one cycle, in this process."""
+        from fleet.context import Fleet
+        from fleet.ops.control import cycle_once
 
-        raise NotBuiltError(
-            "fleet cycle needs the packed-training entry point (`fleet train --pack-file`) to launch the packs, "
-            "and it is not built yet; `fleet schedule --json` prints the plan a cycle would launch"
+        out = cycle_once(Fleet(common.config()), cycle_id=cycle_id, steps=steps, console=common.console)
+        s = out.summary
+        common.console.print(
+            f"cycle {out.cycle_id}: {s.get('packs', 0)} packs, {s.get('trained', 0)} trained, "
+            f"{s.get('published', 0)} published, {s.get('rejected', 0)} rejected, "
+            f"{s.get('rolled_back', 0)} rolled back, {s.get('gpu_s', 0):.1f} GPU-s, {out.seconds:.0f} s"
         )
+        if s.get("failed_packs"):
+            raise typer.Exit(3)
 
     @app.command()
     def simulate(

@@ -110,10 +110,12 @@ class RowStream:
         return out
 
 
-def collate(rows_per_member: Sequence[list[list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def collate(
+    rows_per_member: Sequence[list[list[int]]], pad_id: int, pad_to: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids_BT``, ``attention_mask_BT`` and ``member_B`` (index into the pack)."""
     flat = [(m, r) for m, rows in enumerate(rows_per_member) for r in rows]
-    T = max(len(r) for _, r in flat)
+    T = pad_to or max(len(r) for _, r in flat)
     ids = torch.full((len(flat), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(flat), T), dtype=torch.long)
     member = torch.empty(len(flat), dtype=torch.long)
@@ -122,6 +124,19 @@ def collate(rows_per_member: Sequence[list[list[int]]], pad_id: int) -> tuple[to
         mask[b, : len(r)] = 1
         member[b] = m
     return ids, mask, member
+
+
+def bucketed(rows: dict[int, list[list[int]]], pad_id: int):
+    """A step's rows grouped by length bucket: ``(input_ids_BT, attention_mask_BT, member_B)`` per
+    bucket, each padded to the bucket's length, buckets and members in a fixed order."""
+    groups: dict[int, dict[int, list[list[int]]]] = {}
+    for member in sorted(rows):
+        for r in rows[member]:
+            groups.setdefault(_bucket(len(r)), {}).setdefault(member, []).append(r)
+    for b in sorted(groups):
+        members = sorted(groups[b])
+        ids, mask, which = collate([groups[b][m] for m in members], pad_id, pad_to=b)
+        yield ids, mask, torch.tensor(members)[which]
 
 
 def eval_batches(rows: list[list[int]], batch_rows: int) -> list[list[list[int]]]:

@@ -13,6 +13,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fleet.config import FleetConfig
-from fleet.train.data import RowStream, collate, eval_batches, member_data
+from fleet.train.data import RowStream, bucketed, collate, eval_batches, member_data
 from fleet.train.pack import AdapterRef, PackSpec
 from fleet.train.schedule import lr_at
 
@@ -29,17 +30,45 @@ STATE_FILE = "state.pt"
 
 
 def train_pack_loop(config: dict[str, Any]) -> None:
+    """Ray Train's entry point: resume from the run's checkpoint if there is one, report to it."""
     import ray.train
 
+    state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
+    run_pack(
+        PackSpec.from_dict(config["pack"]),
+        FleetConfig.model_validate(config["cfg"]),
+        state=state,
+        report=_train_report,
+        progress=config.get("progress"),
+        eval_every=int(config.get("eval_every") or 0),
+        kl_lambda=config.get("kl_lambda"),
+    )
+
+
+def run_pack(
+    spec: PackSpec,
+    cfg: FleetConfig,
+    *,
+    state: dict | None = None,
+    report: Callable[[dict, dict | None, dict | None], None],
+    progress=None,
+    eval_every: int = 0,
+    kl_lambda: float | None = None,
+    device: torch.device | None = None,
+) -> None:
+    """Train one pack. ``report(metrics, state, final)`` receives checkpoints (state set) and the
+    end (final set); ``state`` resumes a checkpoint. No Ray here: tests call it directly."""
     from fleet.base import load_base, resolve_dtype
     from fleet.context import Fleet
     from fleet.lora import AdapterWeights, LoraEngine, SlotAdamW
 
-    spec = PackSpec.from_dict(config["pack"])
-    cfg = FleetConfig.model_validate(config["cfg"])
-    progress = config.get("progress")  # a ProgressBoard actor handle, or None
+    kl_lambda = cfg.sweep.kl_lambda if kl_lambda is None else float(kl_lambda)
     torch.manual_seed(cfg.train.seed)
-    device = _device()
+    device = device or _device()
     fl = Fleet(cfg)
     members = spec.members
     keys = [m.train_key for m in members]
@@ -58,11 +87,6 @@ def train_pack_loop(config: dict[str, Any]) -> None:
     for key, w in frozen.items():
         engine.load(key, w, trainable=False)  # ancestors are frozen: the hierarchy stays stratified
 
-    ckpt = ray.train.get_checkpoint()
-    state = None
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
     for m in members:
         if state:
             w = AdapterWeights.from_bytes(*state["adapters"][m.model_id])
@@ -115,29 +139,36 @@ def train_pack_loop(config: dict[str, Any]) -> None:
         active = [i for i, m in enumerate(members) if _trains(m, i, step, tokens)]
         if not active:
             break
-        batch = [streams[i].take(rows_per_member) for i in active]
-        ids_BT, mask_BT, which_B = collate(batch, pad)
-        member_B = torch.tensor(active)[which_B]
-        ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
-        with engine.rows(slot_rows[member_B]):
-            logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
-            nll_M, count_M = _member_nll(logits_BTV, ids_BT, mask_BT, member_B.to(device), len(members))
-            # Each member's own mean: a member with long rows does not outweigh one with short.
-            loss_M = nll_M / count_M.clamp(min=1)
-            kl_w = torch.tensor([members[i].kl_weight for i in range(len(members))], device=device)
-            if bool((kl_w[active] > 0).any()):
-                with engine.rows(torch.full((len(member_B), 1), -1)), torch.no_grad():
-                    base_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
-                kl_M = _member_kl(base_BTV, logits_BTV, mask_BT, member_B.to(device), len(members))
-                loss_M = loss_M + kl_w * kl_M / count_M.clamp(min=1)
-            loss_M.sum().backward()
+        rows = {i: streams[i].take(rows_per_member) for i in active}
+        # Each member's own mean: a member with long rows does not outweigh one with short.
+        count_M = torch.zeros(len(members), device=device)
+        for i, rs in rows.items():
+            count_M[i] = sum(len(r) - 1 for r in rs)
+        kl_w = torch.tensor([m.kl_weight for m in members], device=device)
+        loss_M = torch.zeros(len(members), device=device)
+        # One forward/backward per length bucket, every member's rows of that bucket together:
+        # padding stays low, and a row is always computed at its bucket's length, so a member's
+        # numbers do not depend on who else is in the pack (packed == alone, bit for bit).
+        for ids_BT, mask_BT, member_B in bucketed(rows, pad):
+            ids_BT, mask_BT, member_B = ids_BT.to(device), mask_BT.to(device), member_B.to(device)
+            with engine.rows(slot_rows[member_B.cpu()]):
+                logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
+                nll_M, _ = _member_nll(logits_BTV, ids_BT, mask_BT, member_B, len(members))
+                part_M = nll_M / count_M.clamp(min=1)
+                if bool((kl_w[active] > 0).any()):
+                    with engine.rows(torch.full((len(member_B), 1), -1)), torch.no_grad():
+                        base_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
+                    kl_M = _member_kl(base_BTV, logits_BTV, mask_BT, member_B, len(members))
+                    part_M = part_M + kl_w * kl_M / count_M.clamp(min=1)
+                part_M.sum().backward()
+            loss_M += part_M.detach()
         # Clip per member: a global clip would let one tenant's gradients shrink another's.
         opt.clip_({keys[i]: members[i].learning_schedule.max_grad_norm for i in active})
         opt.set_lr({keys[i]: lr_at(step, members[i].learning_schedule) for i in active})
         opt.step([keys[i] for i in active])
         opt.zero_grad()
         for i in active:
-            tokens[i] += int(mask_BT[(member_B == i).to(device)].sum())
+            tokens[i] += sum(len(r) for r in rows[i])
             last_loss[i] = float(loss_M[i])
         done = step + 1
         if progress is not None and (done % 5 == 0 or done == total):
@@ -145,7 +176,12 @@ def train_pack_loop(config: dict[str, Any]) -> None:
                                                "loss": _mean(last_loss), "tokens": sum(tokens),
                                                "elapsed_s": time.time() - t0})
         if done % cfg.train.checkpoint_every == 0 and done < total:
-            _report(engine, opt, members, keys, streams, before, done, tokens, {"step": done, "loss": _mean(last_loss)})
+            _report(engine, opt, members, keys, streams, before, done, tokens, {"step": done, "loss": _mean(last_loss)},
+                    report=report)
+        elif eval_every and done % eval_every == 0 and done < total:
+            # Sweeps: the objective as training goes, so that ASHA can stop a bad trial early.
+            now = evaluate(engine, model, data, slot_rows, pad, device)
+            report({"step": done, "loss": _mean(last_loss), **_objective(now, kl_lambda)}, None, None)
 
     model.eval()
     after = evaluate(engine, model, data, slot_rows, pad, device)
@@ -155,6 +191,7 @@ def train_pack_loop(config: dict[str, Any]) -> None:
         "heldout_before": _mean([b["loss"] for b in before]),
         "heldout_after": _mean([a["loss"] for a in after]),
         "kl_after": _mean([a["kl"] for a in after]),
+        **_objective(after, kl_lambda),
     }
     members_out = {
         m.model_id: {
@@ -164,7 +201,13 @@ def train_pack_loop(config: dict[str, Any]) -> None:
         }
         for i, m in enumerate(members)
     }
-    _report(engine, opt, members, keys, streams, before, total, tokens, metrics, final=members_out)
+    _report(engine, opt, members, keys, streams, before, total, tokens, metrics, final=members_out, report=report)
+
+
+def _objective(evals: list[dict[str, float]], kl_lambda: float) -> dict[str, float]:
+    """What sweeps minimize: held-out loss after training + λ·KL(base ‖ model)."""
+    loss, kl = _mean([e["loss"] for e in evals]), _mean([e["kl"] for e in evals])
+    return {"heldout": loss, "kl": kl, "objective": loss + kl_lambda * kl}
 
 
 def _trains(m, i: int, step: int, tokens: list[int]) -> bool:
@@ -222,11 +265,8 @@ def evaluate(engine, model, data, slot_rows, pad: int, device, batch_rows: int =
     ]
 
 
-def _report(engine, opt, members, keys, streams, before, step, tokens, metrics, final=None) -> None:
+def _report(engine, opt, members, keys, streams, before, step, tokens, metrics, final=None, *, report) -> None:
     """Checkpoint every member's adapter and optimizer state (and, at the end, the results)."""
-    import ray.train
-    from ray.train import Checkpoint
-
     state = {
         "step": step,
         "tokens": list(tokens),
@@ -235,6 +275,17 @@ def _report(engine, opt, members, keys, streams, before, step, tokens, metrics, 
         "optimizer": opt.state_dict(),
         "streams": [s.state() for s in streams],
     }
+    report(metrics, state, final)
+
+
+def _train_report(metrics: dict, state: dict | None, final: dict | None) -> None:
+    """Ray Train's side of ``report``: metrics, and a checkpoint directory when there is state."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    if state is None:
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as d:
         torch.save(state, Path(d) / STATE_FILE)
         if final is not None:

@@ -100,8 +100,16 @@ def build_pack(
     slice_profile: str | None = None,
     resources: dict[str, float] | None = None,
     steps: int | None = None,
+    schedule: dict[str, Any] | None = None,
+    from_scratch: bool = False,
+    name: str | None = None,
 ) -> PackSpec:
-    """Check a pack and pin its members' data; every problem is a clear error, nothing runs."""
+    """Check a pack and pin its members' data; every problem is a clear error, nothing runs.
+
+    ``schedule`` overrides fields of every member's learning schedule (a sweep trial's
+    parameters); ``from_scratch`` trains fresh adapters on all of each member's data (what a
+    sweep compares schedules on) instead of continuing the active version on new data.
+    """
     if not model_ids:
         raise ValidationError("an empty pack: name at least one model to train")
     for m in model_ids:
@@ -130,6 +138,8 @@ def build_pack(
     members = []
     for i, mid in enumerate(model_ids):
         snap = snaps[mid]
+        if from_scratch:
+            snap = reg.training_snapshot([mid], pins={mid: (0, snap.snapshot_max_id)})[mid]
         if not snap.new_items:
             raise ValidationError(
                 f"model {mid!r} has no new data since its watermark (item {snap.watermark}); "
@@ -137,17 +147,20 @@ def build_pack(
             )
         tier = models[mid].tier
         sched = tier_schedule(cfg, reg, tier)
+        if schedule:
+            sched = LearningSchedule.model_validate({**sched.model_dump(), **schedule})
         if steps:
             sched = sched.model_copy(update={"steps": steps})
         above = set(lineage(mid)[:-1])
         entries = stacks[mid].entries
         ancestors = tuple(AdapterRef(e.key, e.uri, e.sha256) for e in entries if e.model_id in above)
-        own = next((e for e in entries if e.model_id == mid), None)
+        own = None if from_scratch else next((e for e in entries if e.model_id == mid), None)
         members.append(
             MemberSpec(
                 model_id=mid,
                 tier=tier,
-                rank=own.rank if own else models[mid].lora_rank,
+                # A model continues at its active version's rank; a fresh adapter takes the tier's.
+                rank=own.rank if own else (sched.rank or models[mid].lora_rank),
                 alpha=own.alpha if own else models[mid].lora_alpha,
                 start=AdapterRef(own.key, own.uri, own.sha256) if own else None,
                 ancestors=ancestors,
@@ -161,7 +174,7 @@ def build_pack(
             )
         )
     return PackSpec(
-        name=f"pack-{cycle_id}-{index}",
+        name=name or f"pack-{cycle_id}-{index}",
         cycle_id=cycle_id,
         index=index,
         base_model=cfg.base.name,

@@ -45,26 +45,31 @@ def _train(fl, packs: list[dict], *, steps, console, gates, cycle_id: int | None
     own_cycle = cycle_id is None
     if own_cycle:
         cycle_id = fl.registry.start_cycle()
-    specs: list[PackSpec] = []
-    try:
-        for n, p in enumerate(packs):
-            members = p.get("members") or []
-            specs.append(build_pack(
-                fl, list(members), cycle_id=cycle_id, index=n, token_budgets=p.get("token_budgets"),
-                slice_profile=p.get("slice_profile"), resources=p.get("resources"), steps=steps,
-            ))
-    except Exception:
-        if own_cycle:
-            fl.registry.finish_cycle(cycle_id, RunStatus.FAILED, {"kind": "train", "error": "invalid pack"})
-        raise
     t0 = time.time()
-    outcomes = _run_with_progress(fl, specs, console, gates)
+    try:
+        outcomes, _ = train_packs(fl, packs, cycle_id=cycle_id, steps=steps, console=console, gates=gates)
+    except Exception as exc:
+        if own_cycle:
+            fl.registry.finish_cycle(cycle_id, RunStatus.FAILED, {"kind": "train", "error": str(exc)[:500]})
+        raise
     if own_cycle:
         fl.registry.finish_cycle(cycle_id, RunStatus.SUCCEEDED if not any(o.error for o in outcomes) else RunStatus.FAILED,
-                                 summary_of(outcomes, kind="train", seconds=time.time() - t0))
-    if console is not None:
-        render_outcomes(outcomes, console)
+                                 summary_of(outcomes, kind="train", seconds=round(time.time() - t0, 2)))
+        if console is not None:
+            render_outcomes(outcomes, console)
     return outcomes
+
+
+def train_packs(fl, packs: list[dict], *, cycle_id: int, steps=None, console=None,
+                gates: Sequence[Gate] = ()) -> tuple[list[PackOutcome], list[PackSpec]]:
+    """Check every pack first (nothing runs if one is invalid), then train them all."""
+    specs = [
+        build_pack(fl, list(p.get("members") or []), cycle_id=cycle_id, index=n,
+                   token_budgets=p.get("token_budgets"), slice_profile=p.get("slice_profile"),
+                   resources=p.get("resources"), steps=steps)
+        for n, p in enumerate(packs)
+    ]
+    return _run_with_progress(fl, specs, console, gates), specs
 
 
 def summary_of(outcomes: Sequence[PackOutcome], **extra) -> dict:

@@ -1,0 +1,155 @@
+"""One cycle of the control loop: demand → plan → packed training → drift → usage.
+
+A cycle is safe to kill at any point: publication is one registry transaction per pack,
+so nothing is ever half-published, and whatever a killed cycle did not publish is still
+pending for the next one, which plans it again. A cycle left ``running`` by a killed
+process is marked ``interrupted`` when the next one starts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+
+from fleet.errors import ValidationError
+from fleet.types import RunStatus
+
+
+@dataclass
+class CycleOutcome:
+    cycle_id: int
+    seconds: float
+    summary: dict[str, Any]
+    plan: Any = None
+    packs: list[Any] = field(default_factory=list)
+
+
+def _close_interrupted(reg) -> None:
+    for c in reg.list_cycles(limit=20):
+        if c["status"] == RunStatus.RUNNING.value:
+            reg.finish_cycle(c["id"], RunStatus.FAILED, {**(c["summary"] or {}), "interrupted": True})
+
+
+def plan_cycle(fl, *, now: float | None = None, inventory=None):
+    """The scheduler's plan for this moment, and the aging counters it implies (persisted)."""
+    from fleet.scheduler.cli import base_specs, inventory_for
+    from fleet.scheduler.demand import load_demand
+    from fleet.scheduler.policy import PolicyConfig, advance_waiting, plan
+
+    cfg = fl.cfg
+    now = time.time() if now is None else now
+    demand = load_demand(cfg, fl.registry, now=now)
+    inventory = inventory if inventory is not None else inventory_for(cfg)
+    result = plan(demand, inventory, PolicyConfig.from_fleet_config(cfg, bases=base_specs(cfg, demand.base_names)), now)
+    if result.arrays is not None and demand.n_models:
+        new = advance_waiting(demand.waiting_cycles, result.arrays.reason)
+        changed = (new != demand.waiting_cycles).nonzero()[0]
+        fl.registry.set_waiting_cycles({demand.ids([i])[0]: int(new[i]) for i in changed.tolist()})
+    return result
+
+
+def record_usage(fl, outcomes: Sequence[Any], packs: Sequence[Any], now: float) -> float:
+    """GPU-seconds (full-H100 equivalents) each company and model used, split by tokens trained."""
+    from fleet.scheduler.inventory import slice_type
+
+    cfg = fl.cfg
+    by_company: dict[tuple[str, str], float] = {}
+    by_model: dict[str, float] = {}
+    spec_of = {p.name: p for p in packs}
+    total = 0.0
+    for o in outcomes:
+        if o.error or not o.members:
+            continue
+        pack = spec_of[o.name]
+        speed = slice_type(pack.slice_profile).speed if pack.slice_profile else slice_type("cpu").speed
+        gpu_s = o.seconds * speed
+        total += gpu_s
+        tokens = sum(max(1, m.metrics.get("tokens", 0)) for m in o.members)
+        for m in o.members:
+            share = gpu_s * max(1, m.metrics.get("tokens", 0)) / tokens
+            by_model[m.model_id] = by_model.get(m.model_id, 0.0) + share
+            key = (m.model_id.split("/")[0], m.tier)
+            by_company[key] = by_company.get(key, 0.0) + share
+    fl.registry.record_usage(
+        [{"company_id": c, "tier": t, "gpu_seconds": s, "recorded_at": now} for (c, t), s in by_company.items()]
+    )
+    fl.registry.record_model_usage(by_model, now=now, half_life_s=cfg.scheduler.usage_half_life_s)
+    return total
+
+
+def prepare_cycle(fl, *, now: float | None = None, inventory=None) -> tuple[int, Any]:
+    """Open a cycle and store its plan in the registry (what its Ray job will train)."""
+    reg = fl.registry
+    _close_interrupted(reg)
+    now = time.time() if now is None else now
+    cycle_id = reg.start_cycle()
+    try:
+        result = plan_cycle(fl, now=now, inventory=inventory)
+    except BaseException as exc:
+        reg.finish_cycle(cycle_id, RunStatus.FAILED, {"kind": "cycle", "error": str(exc)[:500]})
+        raise
+    counts = result.reason_counts()
+    reg.update_cycle(cycle_id, {
+        "kind": "cycle",
+        "scheduled": counts.get("scheduled", 0),
+        "reasons": {k: v for k, v in counts.items() if v},
+        "plan": result.to_dict(include_unscheduled=False),
+    })
+    return cycle_id, result
+
+
+def execute_cycle(
+    fl,
+    cycle_id: int,
+    *,
+    console: Console | None = None,
+    steps: int | None = None,
+    gates: Sequence[Any] = (),
+    after_training=None,
+) -> CycleOutcome:
+    """Train a prepared cycle's packs, record usage, let ``after_training(fl, cycle_id, outcomes)``
+    score drift and act on it (its counts join the cycle's summary), and close the cycle."""
+    from fleet.train.runner import render_outcomes, summary_of, train_packs
+
+    reg = fl.registry
+    row = reg.get_cycle(cycle_id)
+    summary: dict[str, Any] = dict(row["summary"] or {})
+    plan = summary.get("plan")
+    if plan is None:
+        raise ValidationError(f"cycle {cycle_id} has no stored plan; start cycles with `fleet run` or `fleet cycle`")
+    t0 = row["started_at"]
+    try:
+        packs_in = plan.get("packs", [])
+        outcomes, specs = (
+            train_packs(fl, packs_in, cycle_id=cycle_id, steps=steps, console=console, gates=gates) if packs_in else ([], [])
+        )
+        summary.update(summary_of(outcomes))
+        summary["gpu_s"] = round(record_usage(fl, outcomes, specs, time.time()), 3)
+        if after_training is not None:
+            summary.update(after_training(fl, cycle_id, outcomes) or {})
+        summary.setdefault("rolled_back", 0)
+        status = RunStatus.FAILED if summary.get("failed_packs") else RunStatus.SUCCEEDED
+        if console is not None and outcomes:
+            render_outcomes(outcomes, console)
+    except BaseException as exc:
+        reg.finish_cycle(cycle_id, RunStatus.FAILED, {**summary, "error": str(exc)[:500]})
+        raise
+    seconds = time.time() - t0
+    summary["seconds"] = round(seconds, 2)
+    reg.finish_cycle(cycle_id, status, summary)
+    return CycleOutcome(cycle_id, seconds, summary, plan, outcomes)
+
+
+def run_cycle(fl, *, console: Console | None = None, steps: int | None = None, gates: Sequence[Any] = (),
+              after_training=None, inventory=None) -> CycleOutcome:
+    """A whole cycle in this process: prepare (plan) then execute (train, usage, drift)."""
+    cycle_id, result = prepare_cycle(fl, inventory=inventory)
+    if console is not None:
+        from fleet.scheduler.render import print_plan
+
+        print_plan(result, None, console)
+    return execute_cycle(fl, cycle_id, console=console, steps=steps, gates=gates, after_training=after_training)

@@ -1,0 +1,90 @@
+"""Cycles as Ray jobs: ``fleet run`` plans each cycle, then submits its training through the
+Jobs API as ``fleet-cycle-<n>`` (metadata: cycle id, packs, models), so operators follow it in
+the dashboard next to the packs' Train runs and the Serve app."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+from fleet.errors import UnavailableError, ValidationError
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def parse_interval(text: str) -> float:
+    """'90s', '10m', '1h', '2d' or plain seconds → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = (text or "").strip().lower()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except (ValueError, KeyError):
+        raise ValidationError(f"interval {text!r}: use a number with s, m, h or d (e.g. 10m)") from None
+    if value <= 0:
+        raise ValidationError(f"interval {text!r} must be positive")
+    return value
+
+
+def job_client(cfg, dashboard_url: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    address = dashboard_url or cfg.ray.dashboard_url
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # noqa: BLE001 - the client raises plain exceptions for a bad address
+        raise UnavailableError(f"the Ray Jobs API at {address} is unreachable: {exc}") from None
+
+
+def job_env(cfg, config_path: str | None) -> dict[str, str]:
+    """What the job's driver needs to open the same fleet: the config file, or the data dir."""
+    env = {k: os.environ[k] for k in ("FLEET_DB_URL", "FLEET_STORE_URI", "AWS_ACCESS_KEY_ID",
+                                      "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") if k in os.environ}
+    if config_path:
+        env["FLEET_CONFIG"] = os.path.abspath(config_path)
+    env["FLEET_DATA_DIR"] = cfg.data_dir
+    env.update({"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+    return env
+
+
+def entrypoint(cfg, args: list[str]) -> str:
+    # A local cluster runs jobs with this very interpreter; a remote one with the nodes' python.
+    python = "python" if cfg.ray.address else sys.executable
+    return " ".join(shlex.quote(x) for x in [python, "-m", "fleet.cli", *args])
+
+
+def submit_job(client, cfg, *, name: str, args: list[str], metadata: dict[str, Any], config_path: str | None) -> str:
+    return client.submit_job(
+        entrypoint=entrypoint(cfg, args),
+        submission_id=name,
+        metadata={k: str(v) for k, v in metadata.items()},
+        runtime_env={"env_vars": job_env(cfg, config_path)},
+        entrypoint_num_cpus=0,
+    )
+
+
+def wait_job(client, submission_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None) -> str:
+    t0 = time.time()
+    while True:
+        status = str(client.get_job_status(submission_id)).split(".")[-1]
+        if status in TERMINAL:
+            return status
+        if timeout_s is not None and time.time() - t0 > timeout_s:
+            return status
+        time.sleep(poll_s)
+
+
+def submit_cycle(fl, client, *, config_path: str | None, steps: int | None = None) -> tuple[int, str, dict]:
+    """Plan a cycle here, then submit its execution as the job ``fleet-cycle-<n>``."""
+    from fleet.ops.cycle import prepare_cycle
+
+    cycle_id, result = prepare_cycle(fl)
+    packs = result.packs
+    members = sum(len(p.members) for p in packs)
+    name = f"fleet-cycle-{cycle_id}"
+    args = ["cycle", "--cycle-id", str(cycle_id)] + (["--steps", str(steps)] if steps else [])
+    meta = {"cycle_id": cycle_id, "packs": len(packs), "models": members, "fleet": "cycle"}
+    submit_job(client, fl.cfg, name=name, args=args, metadata=meta, config_path=config_path)
+    return cycle_id, name, meta

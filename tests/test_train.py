@@ -1,0 +1,173 @@
+"""Packed training: learning, isolation, pack = alone, fault tolerance on Ray Train, bad input.
+
+The learning tests call the pack loop directly (no Ray: the same function Ray Train runs);
+the fault-tolerance test runs it on a real local Ray and kills the training worker's
+process mid-run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+from conftest import make_config
+
+from fleet.context import Fleet
+from fleet.data.synth import synthetic_org
+from fleet.errors import NotFoundError, ValidationError
+from fleet.train.loop import run_pack
+from fleet.train.pack import build_pack
+from fleet.types import AdapterState, RunStatus
+
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def org():
+    return synthetic_org(companies=2, teams_per_company=1, individuals=4, facts_per_model=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def fleet_env(tmp_path_factory, tiny_base, org):
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = make_config(tmp, tiny_base, train={"checkpoint_every": 10, "rows_per_member": 4})
+    fl = Fleet(cfg)
+    for t in org.tenants:
+        fl.add_tenant(t.id, shares=float(t.shares))
+    fl.ingestor().ingest_many({m: [i.to_json() for i in org.items_of(m)] for m in org.model_ids})
+    yield fl
+    fl.close()
+
+
+def _run(fl, ids, steps=STEPS):
+    spec = build_pack(fl, ids, cycle_id=0, index=0, steps=steps)
+    out = {}
+
+    def report(metrics, state, final):
+        if final is not None:
+            out.update(metrics=metrics, members=final, state=state)
+
+    run_pack(spec, fl.cfg, report=report, device=torch.device("cpu"))
+    return spec, out
+
+
+def _engine_with(fl, adapters: dict[str, tuple[bytes, bytes]]):
+    from fleet.lora import AdapterWeights
+    from fleet.runtime import load_engine
+
+    engine, tok = load_engine(fl.cfg, max_slots=len(adapters) + 1, device="cpu")
+    slots = {k: engine.load(k, AdapterWeights.from_bytes(*v)) for k, v in adapters.items()}
+    return engine, tok, slots
+
+
+def _nll(engine, tok, text: str, slot: int) -> float:
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad(), engine.rows(torch.tensor([[slot]])):
+        logits = engine.model(input_ids=ids).logits.float()
+    return float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]))
+
+
+@pytest.fixture(scope="module")
+def pack_run(fleet_env, org):
+    a, b = org.individuals[:2]
+    spec, out = _run(fleet_env, [a, b])
+    return a, b, spec, out
+
+
+def test_pack_learns_private_facts(fleet_env, org, pack_run):
+    from fleet.lora import generate
+
+    a, b, _spec, out = pack_run
+    for m in (a, b):
+        r = out["members"][m]
+        assert r["heldout_after"] < r["heldout_before"] - 0.3, r  # a real margin, in nats/token
+    engine, tok, slots = _engine_with(fleet_env, {m: out["state"]["adapters"][m] for m in (a, b)})
+    fact = org.facts_of(a)[0]
+    prompt = tok(fact.question)["input_ids"]
+    trained, base = generate(engine, tok, [prompt, prompt], [[slots[a]], [-1]], max_new_tokens=len(fact.answer) + 2)
+    assert trained.text.startswith(fact.answer), (fact, trained.text)
+    assert not base.text.startswith(fact.answer)
+
+
+def test_isolation_canary(fleet_env, org, pack_run):
+    """A fact only in A's data is not learned by B of the same pack."""
+    a, b, _spec, out = pack_run
+    engine, tok, slots = _engine_with(fleet_env, {m: out["state"]["adapters"][m] for m in (a, b)})
+    for fact in org.facts_of(a):
+        text = fact.question + fact.answer
+        own, other, base = (_nll(engine, tok, text, s) for s in (slots[a], slots[b], -1))
+        assert own < base - 0.2  # A learned it
+        assert other > base - 0.05, (fact.statement, other, base)  # B did not
+
+
+def test_pack_equals_each_member_alone(fleet_env, org, pack_run):
+    from fleet.lora import AdapterWeights
+
+    a, _b, _spec, out = pack_run
+    _, alone = _run(fleet_env, [a])
+    packed = AdapterWeights.from_bytes(*out["state"]["adapters"][a]).tensors
+    single = AdapterWeights.from_bytes(*alone["state"]["adapters"][a]).tensors
+    for name, t in packed.items():
+        torch.testing.assert_close(t, single[name], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_packs_are_refused(fleet_env, org):
+    fl = fleet_env
+    with pytest.raises(ValidationError, match="empty pack"):
+        build_pack(fl, [], cycle_id=0, index=0)
+    with pytest.raises(NotFoundError, match="unknown model"):
+        build_pack(fl, ["nobody/here"], cycle_id=0, index=0)
+    with pytest.raises(ValidationError, match="appears twice"):
+        build_pack(fl, [org.individuals[0]] * 2, cycle_id=0, index=0)
+    fl.registry.add_tenant("lonely", base_model=fl.cfg.base.name, rank=8, alpha=16)
+    with pytest.raises(ValidationError, match="no new data"):
+        build_pack(fl, ["lonely"], cycle_id=0, index=0)
+    fl.registry.add_tenant("other", base_model="some-other-base", rank=8, alpha=16)
+    fl.ingestor().ingest_items("other", [{"kind": "document", "text": "hello"}])
+    with pytest.raises(ValidationError, match="base mismatch"):
+        build_pack(fl, [org.individuals[0], "other"], cycle_id=0, index=0)
+    assert fl.registry.versions("lonely") == [] and fl.registry.versions("other") == []
+
+
+def test_worker_killed_mid_run_resumes_and_publishes_once(fleet_env, org, pack_run, ray_local):
+    """os.kill of the training worker's process: the run resumes from its last checkpoint,
+    every member gets exactly one new version, equal to the unkilled run's."""
+    from fleet.lora import AdapterWeights
+    from fleet.train.launch import run_packs
+
+    fl = fleet_env
+    a, b, _spec, reference = pack_run
+    spec = build_pack(fl, [a, b], cycle_id=7, index=0, steps=STEPS)
+    killed: dict = {}
+    lock = threading.Lock()
+
+    def on_progress(board):
+        st = board.get(spec.name, {})
+        with lock:
+            if not killed and st.get("step", 0) >= 15 and st.get("pid"):
+                os.kill(st["pid"], signal.SIGKILL)
+                killed.update(st)
+
+    (outcome,) = run_packs(fl, [spec], on_progress=on_progress, poll_s=0.2)
+    assert killed, "the worker was never seen mid-run"
+    assert outcome.status is RunStatus.SUCCEEDED, outcome.error
+    for m in (a, b):
+        versions = fl.registry.versions(m)
+        assert len(versions) == 1 and versions[0].state is AdapterState.ACTIVE
+        files = fl.store.read_version(versions[0].uri, versions[0].sha256)
+        got = AdapterWeights.from_bytes(files.config, files.weights).tensors
+        want = AdapterWeights.from_bytes(*reference["state"]["adapters"][m]).tensors
+        for name, t in got.items():
+            torch.testing.assert_close(t, want[name], rtol=1e-3, atol=1e-5)
+    run = fl.registry.get_run(outcome.run_id)
+    assert run.status == "succeeded" and run.metrics["published"] == 2
+    # Publishing the same run again publishes nothing new.
+    from fleet.train.launch import publish
+
+    again = publish(fl, spec, outcome.run_id, {"members": reference["members"], "adapters": reference["state"]["adapters"],
+                                               "metrics": reference["metrics"]}, [])
+    assert [len(fl.registry.versions(m)) for m in (a, b)] == [1, 1]
+    assert all(mo.version is None for mo in again.members)
