@@ -27,26 +27,20 @@ def ensure_ray(cfg: FleetConfig, *, log_to_driver: bool = False, dashboard: bool
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")  # inside a Ray job: its cluster
     try:
         if address:
-            ray.init(address=address, **kwargs)
+            ctx = ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=dashboard, **kwargs)
+            ctx = ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=dashboard, **kwargs)
+        _STATE["dashboard_url"] = getattr(ctx, "dashboard_url", None)
     except ConnectionError as exc:
         raise UnavailableError(f"cannot reach the Ray cluster at {address}: {exc}") from None
     return _dashboard_url()
 
 
 def _dashboard_url() -> str | None:
-    import ray
-
-    try:
-        url = ray.get_runtime_context().get_dashboard_url() if hasattr(ray.get_runtime_context(), "get_dashboard_url") else None
-    except Exception:
-        url = None
-    if not url:
-        try:
-            url = ray.worker.get_dashboard_url()
-        except Exception:
-            url = None
+    url = _STATE.get("dashboard_url")
     if url and not url.startswith("http"):
         url = f"http://{url}"
-    return url
+    return url or None
+
+
+_STATE: dict[str, str | None] = {}
