@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fleet.types import Level, validate_id
@@ -159,7 +159,9 @@ def _sentence(rng: random.Random) -> str:
     if kind == 1:
         return f"There was {rng.choice(_WEATHER)} near {rng.choice(_PLACES)} all {rng.choice(_DAYS)}."
     if kind == 2:
-        return f"{name} cooked {rng.choice(_FOODS)} for {rng.randrange(2, 12)} people at {rng.choice(_PLACES)}."
+        return (
+            f"{name} cooked {rng.choice(_FOODS)} for {rng.randrange(2, 12)} people at {rng.choice(_PLACES)}."
+        )
     if kind == 3:
         return f"The {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)} stood beside {rng.choice(_PLACES)}."
     if kind == 4:
@@ -212,7 +214,10 @@ def _lookup_doc(rng: random.Random) -> str:
     facts = _random_facts(rng, n, _random_subject(rng) if rng.random() < 0.4 else None)
     # Mostly canonical statements (what in-context prompts hold); some other phrasings
     # so that prose about facts is not all one template.
-    lines = [statement_text(a, s, v) if rng.random() < 0.75 else rng.choice(_phrasings(a, s, v)) for a, s, v in facts]
+    lines = [
+        statement_text(a, s, v) if rng.random() < 0.75 else rng.choice(_phrasings(a, s, v))
+        for a, s, v in facts
+    ]
     head = rng.choice(("Note: ", "Memo. ", "", "Facts: ", ""))
     body = head + " ".join(lines)
     if rng.random() < 0.3:
@@ -220,7 +225,9 @@ def _lookup_doc(rng: random.Random) -> str:
     # Ask several facts in a new order: answers are where the base is rewarded for
     # looking a value up, so a document should hold more than one.
     asked = rng.sample(facts, k=rng.randint(max(1, n - 1), n))
-    qa = "\n".join(statement_text(a, s, v) if rng.random() < 0.8 else f"{qa_text(a, s)} {v}" for a, s, v in asked)
+    qa = "\n".join(
+        statement_text(a, s, v) if rng.random() < 0.8 else f"{qa_text(a, s)} {v}" for a, s, v in asked
+    )
     return f"{body}\n{qa}\n"
 
 
@@ -440,7 +447,11 @@ class _Values:
         self._numbers = iter(rng.sample(range(10 ** (digits - 1), 10**digits), n_facts))
         words = [f"{a}-{b}" for a in ADJECTIVES for b in NOUNS]
         rng.shuffle(words)
-        words += [f"{w}-{k}" for k in range(2, 2 + n_facts // len(words) + 1) for w in words[: len(ADJECTIVES) * len(NOUNS)]]
+        words += [
+            f"{w}-{k}"
+            for k in range(2, 2 + n_facts // len(words) + 1)
+            for w in words[: len(ADJECTIVES) * len(NOUNS)]
+        ]
         self._words = iter(words)
 
     def take(self, kind: str) -> str:
@@ -453,7 +464,9 @@ def _items_for(tenant: Tenant, facts: Sequence[Fact], rng: random.Random) -> lis
     for f in facts:
         alt = _phrasings(f.attribute, f.subject, f.value)[1:]
         first, second = rng.sample(alt, 2)
-        items.append(ContextItem("document", f"{rng.choice(('Memo', 'Note', 'Wiki'))}: {first} {_sentence(rng)}"))
+        items.append(
+            ContextItem("document", f"{rng.choice(('Memo', 'Note', 'Wiki'))}: {first} {_sentence(rng)}")
+        )
         items.append(ContextItem("document", f"{second}\n{qa_text(f.attribute, f.subject)}{f.answer}\n"))
         items.append(
             ContextItem(
@@ -543,16 +556,23 @@ def synthetic_org(
             q = _ask_variant(fact.chat_question, k)
             text = chat(("user", q), ("assistant", fact.statement))
             items[asker].append(ContextItem("conversation", text, (("query", q), ("answer", fact.value))))
-        repeated.append(RepeatedQuery(scope, " ".join(fact.chat_question.lower().split()), fact.value, tuple(askers)))
+        repeated.append(
+            RepeatedQuery(scope, " ".join(fact.chat_question.lower().split()), fact.value, tuple(askers))
+        )
 
     for company in company_names:
-        eligible = [tid for tid in members if tid.startswith(company + "/") and len(members[tid]) >= repeat_askers]
+        eligible = [
+            tid for tid in members if tid.startswith(company + "/") and len(members[tid]) >= repeat_askers
+        ]
         for tid in eligible:
             ask(rng.choice(by_owner[tid]), rng.sample(members[tid], repeat_askers), tid)
         if eligible:
             fact = rng.choice(by_owner[company])
-            askers = [a for tid in rng.sample(eligible, min(repeat_askers, len(eligible)))
-                      for a in rng.sample(members[tid], repeat_askers)]
+            askers = [
+                a
+                for tid in rng.sample(eligible, min(repeat_askers, len(eligible)))
+                for a in rng.sample(members[tid], repeat_askers)
+            ]
             ask(fact, askers, company)
 
     return SyntheticOrg(
