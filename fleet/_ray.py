@@ -19,10 +19,9 @@ def ensure_ray(cfg: FleetConfig, *, log_to_driver: bool = False, dashboard: bool
         return _dashboard_url()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    env = {k: os.environ[k] for k in ("FLEET_CONFIG", "FLEET_DB_URL", "FLEET_STORE_URI", "FLEET_DATA_DIR",
-                                      "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
-           if k in os.environ}
-    env.update({"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_V2_ENABLED": "1"})
+    # Workers of a local Ray inherit this process's environment; a remote cluster's nodes have their
+    # own (credentials never travel in a runtime env, which the dashboard shows).
+    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_V2_ENABLED": "1"}
     kwargs = dict(namespace=cfg.ray.namespace, log_to_driver=log_to_driver, runtime_env={"env_vars": env})
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")  # inside a Ray job: its cluster
     try:

@@ -39,13 +39,26 @@ def job_client(cfg, dashboard_url: str | None):
 
 
 def job_env(cfg, config_path: str | None) -> dict[str, str]:
-    """What the job's driver needs to open the same fleet: the config file, or the data dir."""
-    env = {k: os.environ[k] for k in ("FLEET_DB_URL", "FLEET_STORE_URI", "AWS_ACCESS_KEY_ID",
-                                      "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION") if k in os.environ}
-    if config_path:
-        env["FLEET_CONFIG"] = os.path.abspath(config_path)
-    env["FLEET_DATA_DIR"] = cfg.data_dir
-    env.update({"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+    """What the job's driver needs to open the same fleet.
+
+    On a local Ray the driver runs on this machine: it gets this process's effective config (a
+    file in the data dir). A remote cluster's nodes carry their own config and secrets (cluster.yaml,
+    k8s Secrets); nothing secret goes into the runtime env, which the dashboard displays.
+    """
+    env = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if cfg.ray.address:
+        if config_path:
+            env["FLEET_CONFIG"] = config_path
+        return env
+    from fleet.config import render_commented_yaml
+
+    path = cfg.data_path / "run" / "effective-fleet.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(render_commented_yaml(cfg))
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
+    env["FLEET_CONFIG"] = str(path)
     return env
 
 
