@@ -264,8 +264,10 @@ class ServeConfig(_Section):
 
 
 class DivergenceConfig(_Section):
-    probe_prompts: int = Field(16, ge=1)
-    """Prompts in a generated probe set."""
+    probe_prompts: int = Field(16, ge=2)
+    """Prompts in a generated probe set (fact-style prompts, then general held-out text)."""
+    probe_general: int = Field(8, ge=1)
+    """Of the probe prompts, how many are general held-out text: ΔNLL (forgetting) is measured on these."""
     probe_tokens: int = Field(64, ge=8)
     """Tokens per probe prompt."""
     top_k: int = Field(32, ge=1)
@@ -274,10 +276,18 @@ class DivergenceConfig(_Section):
     """Population rule: flag a model above mean + k·σ of its tier's accepted models."""
     min_population: int = Field(20, ge=2)
     """The population rule applies once a tier has this many scored models."""
-    batch_models: int = Field(32, ge=1)
-    """Models scored per forward pass."""
+    freeze_after: int = Field(3, ge=1)
+    """Consecutive drift strikes (warn, rollback, reject) after which a model stops training (frozen)."""
+    batch_models: int = Field(8, ge=1)
+    """Models scored per forward pass. CPU: 4-8 keep activations in cache; a GPU wants 64 or more."""
     watch_every_s: float = Field(600.0, gt=0)
     """Default interval of `fleet drift watch`."""
+
+    @model_validator(mode="after")
+    def _general_within_probes(self) -> DivergenceConfig:
+        if self.probe_general >= self.probe_prompts:
+            raise ValueError("divergence.probe_general must be smaller than probe_prompts (fact-style prompts need rows too)")
+        return self
 
 
 class RayConfig(_Section):

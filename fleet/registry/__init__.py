@@ -15,6 +15,7 @@ from fleet.config import FleetConfig
 from fleet.registry import db
 from fleet.registry._context import ContextMixin, IngestCount, NewItem
 from fleet.registry._demand import DemandMixin
+from fleet.registry._drift import DriftMixin
 from fleet.registry._keys import KeysMixin
 from fleet.registry._ops import OpsMixin
 from fleet.registry._tenants import TenantsMixin
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 
-class Registry(TenantsMixin, VersionsMixin, ContextMixin, KeysMixin, OpsMixin, DemandMixin):
+class Registry(TenantsMixin, VersionsMixin, ContextMixin, KeysMixin, OpsMixin, DemandMixin, DriftMixin):
     """A handle on the registry database. Cheap to share within a process; open one per process."""
 
     @classmethod

@@ -60,6 +60,8 @@ class Model(Base):
     lora_rank: Mapped[int] = mapped_column(Integer)
     lora_alpha: Mapped[float] = mapped_column(Float)
     drift_state: Mapped[str] = mapped_column(String(16), default="ok")
+    # Consecutive drift strikes (warn, rollback, reject); freeze_after of them freeze the model.
+    drift_strikes: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Newest context item id learned by the active version; pending = items after it.
     watermark: Mapped[int] = mapped_column(BigInteger, default=0)
     pending_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -221,7 +223,10 @@ class DivergenceSample(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[float] = mapped_column(Float, index=True)
 
-    __table_args__ = (Index("ix_samples_model_version", "model_id", "version"),)
+    __table_args__ = (
+        Index("ix_samples_model_version", "model_id", "version"),
+        Index("ix_samples_probe_model_version", "probe_set", "model_id", "version"),
+    )
 
 
 class DriftActionRow(Base):
