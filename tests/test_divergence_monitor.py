@@ -35,17 +35,20 @@ LOOSE = {"max_kl": 50.0, "max_rel_weight_norm": 50.0, "min_top1_agreement": 0.0,
 _thread = pytest.fixture(autouse=True)(one_thread)
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
+def save_base(d: Path) -> Path:
     from fleet.base import build_tokenizer
 
-    d = tmp_path_factory.mktemp("drift-base") / "base"
     model = tiny_llama(**SHAPE, seed=1)
     with torch.no_grad():
         model.lm_head.weight.mul_(60.0)  # peaked distributions, like a trained model's
     model.save_pretrained(d)
     build_tokenizer().save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return save_base(tmp_path_factory.mktemp("drift-base") / "base")
 
 
 def make_fleet(tmp_path: Path, base_dir: Path, caps: dict | None = None, **divergence) -> Fleet:

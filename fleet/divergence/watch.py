@@ -90,9 +90,7 @@ def watch_loop(
     """The job's body: scan, wait for the rest of the interval, repeat until stopped (or ``scans``
     scans are done). A scan that fails with a fleet error is reported and the loop goes on: the
     next interval may find the database or store back."""
-    from fleet._ray import ensure_ray
-
-    ensure_ray(fl.cfg, dashboard=False)  # inside a job: joins its cluster, so metrics are exported
+    _join_ray(fl.cfg)
     done: list[ScanResult] = []
     while True:
         t0 = time.time()
@@ -111,3 +109,21 @@ def watch_loop(
         if scans and len(done) >= scans:
             return done
         sleep(max(0.0, every_s - (time.time() - t0)))
+
+
+def _join_ray(cfg) -> None:
+    """Connect this process to Ray, so the drift metrics it records are exported with the cluster's.
+
+    Inside a Ray job (``RAY_ADDRESS`` set by the job supervisor) the driver joins the job's cluster
+    with the job's own runtime env: passing another one to ``ray.init`` would conflict with it.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(namespace=cfg.ray.namespace, log_to_driver=False)
+        return
+    from fleet._ray import ensure_ray
+
+    ensure_ray(cfg, dashboard=False)
