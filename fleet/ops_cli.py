@@ -69,3 +69,22 @@ def register(app: typer.Typer) -> None:
             common.print_json(res)
         else:
             render(res, common.console)
+
+    monitoring = typer.Typer(help="Operators' dashboards for fleet's Ray metrics.", no_args_is_help=True)
+
+    @monitoring.command("dashboard")
+    def dashboard(out: str = typer.Option("-", "--out", help="File to write (default: stdout).")) -> None:
+        """The Grafana dashboard JSON for fleet's metrics (import it beside Ray's dashboards)."""
+        from pathlib import Path
+
+        from fleet.ops.dashboard import render_json
+
+        text = render_json()
+        if out == "-":
+            print(text, end="")
+        else:
+            Path(out).write_text(text)
+            common.console.print(f"wrote {out}")
+
+    app.add_typer(monitoring, name="monitoring")
+

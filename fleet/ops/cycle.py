@@ -45,6 +45,7 @@ def plan_cycle(fl, *, now: float | None = None, inventory=None):
     demand = load_demand(cfg, fl.registry, now=now)
     inventory = inventory if inventory is not None else inventory_for(cfg)
     result = plan(demand, inventory, PolicyConfig.from_fleet_config(cfg, bases=base_specs(cfg, demand.base_names)), now)
+    _telemetry(lambda t: (t.record_plan(demand, result), t.record_fairness(fl.registry, cfg, now)))
     if result.arrays is not None and demand.n_models:
         new = advance_waiting(demand.waiting_cycles, result.arrays.reason)
         changed = (new != demand.waiting_cycles).nonzero()[0]
@@ -78,7 +79,27 @@ def record_usage(fl, outcomes: Sequence[Any], packs: Sequence[Any], now: float) 
         [{"company_id": c, "tier": t, "gpu_seconds": s, "recorded_at": now} for (c, t), s in by_company.items()]
     )
     fl.registry.record_model_usage(by_model, now=now, half_life_s=cfg.scheduler.usage_half_life_s)
+    by_tier: dict[str, float] = {}
+    for (_, tier), s in by_company.items():
+        by_tier[tier] = by_tier.get(tier, 0.0) + s
+    _telemetry(lambda t: t.record_training(outcomes, by_tier))
     return total
+
+
+def _telemetry(fn) -> None:
+    """Metrics go to Ray's exporter when this process is connected to Ray; never fail a cycle."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from fleet.ops import telemetry
+
+    try:
+        fn(telemetry)
+    except Exception:  # noqa: BLE001 - metrics are best effort
+        import logging
+
+        logging.getLogger(__name__).warning("could not record metrics", exc_info=True)
 
 
 def prepare_cycle(fl, *, now: float | None = None, inventory=None) -> tuple[int, Any]:
@@ -141,6 +162,7 @@ def execute_cycle(
     seconds = time.time() - t0
     summary["seconds"] = round(seconds, 2)
     reg.finish_cycle(cycle_id, status, summary)
+    _telemetry(lambda t: t.record_cycle(status.value, seconds, summary))
     return CycleOutcome(cycle_id, seconds, summary, plan, outcomes)
 
 
