@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 import fleet.base.build as build_mod
 from fleet.base import (
     CHAT_TEMPLATE,
+    _circuit,
     base_fingerprint,
     base_meta,
     build_tiny_base,
@@ -26,7 +27,7 @@ from fleet.base import (
     resolve_device,
     resolve_dtype,
 )
-from fleet.base.pretrain import PretrainSpec, heldout_nll
+from fleet.base.pretrain import PretrainSpec, heldout_nll, init_model
 from fleet.config import FleetConfig
 from fleet.data.synth import general_text, synthetic_org
 from fleet.errors import ConfigError
@@ -140,6 +141,33 @@ def test_in_context_recall_beats_the_bare_question(loaded):
     exact_bare = sum(ok for _, ok in bare) / len(facts)
     assert lp_doc > lp_bare + 1.0, (lp_doc, lp_bare)
     assert exact_doc >= 0.5 and exact_bare <= 0.05, (exact_doc, exact_bare)
+
+
+def test_copy_circuit_recalls_before_any_training():
+    tok = _tokenizer()
+    model = init_model(tok, seed=1).eval()
+    org = synthetic_org(seed=5)
+    facts = org.facts[::7][:20]
+    assert all(_answer_logprob(model, tok, org.in_context_prompt(f), f.answer)[1] for f in facts)
+    assert not any(_answer_logprob(model, tok, f.question, f.answer)[1] for f in facts)
+
+
+def test_pretraining_leaves_the_circuit_untouched(base_dir, loaded):
+    model, tok = loaded
+    fresh = init_model(tok, seed=0)
+    for layer, head in _circuit.CIRCUIT_HEADS:
+        rows = slice(head * _circuit.HEAD_DIM, (head + 1) * _circuit.HEAD_DIM)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            a = getattr(model.model.layers[layer].self_attn, name).weight[rows]
+            b = getattr(fresh.model.layers[layer].self_attn, name).weight[rows]
+            assert torch.equal(a, b), (layer, head, name)
+    prot = _circuit.PROTECTED
+    assert torch.equal(model.model.embed_tokens.weight[:, prot], fresh.model.embed_tokens.weight[:, prot])
+    assert torch.equal(model.lm_head.weight[:, _circuit.OUT], fresh.lm_head.weight[:, _circuit.OUT])
+    # ...while the rest of the network did learn
+    assert not torch.equal(
+        model.model.layers[3].mlp.down_proj.weight, fresh.model.layers[3].mlp.down_proj.weight
+    )
 
 
 def test_generate_answers_from_a_document(loaded):

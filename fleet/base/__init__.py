@@ -14,7 +14,7 @@ Public API::
     build_tokenizer() -> PreTrainedTokenizerFast   # the tiny base's byte-level tokenizer
     CHAT_TEMPLATE                      # "<|bos|><|user|>\\n{content}<|eos|>\\n<|assistant|>\\n..."
 
-The tiny base: a 4-layer Llama (hidden 256, 4 heads of 128, ~4.3M parameters) with a
+The tiny base: a 4-layer Llama (hidden 256, 4 heads of 128, MLP 512: 3.8M parameters) with a
 byte-level tokenizer (ids 0–255 are bytes; then <|pad|> <|bos|> <|eos|> <|user|>
 <|assistant|> <|system|> and two reserved ids: 264 in all), a prefix-matching copy
 circuit set into its weights so that it can answer from facts in its prompt, and a

@@ -1,35 +1,38 @@
 """A prefix-matching copy circuit, set into the tiny base's weights before pre-training.
 
-Why: the base must be able to answer a fact question when the fact is in its prompt
-(in-context recall), which takes an induction-style circuit: find an earlier place
-whose preceding text matches the text just before the cursor and copy what followed.
-Gradient descent discovers such circuits only after a long plateau (far more steps
-than pre-training's ≤60 s on two cores buys; measured: none after 800 steps), so the
-circuit is written in directly and pre-training learns the language around it.
+Why: the base must answer a fact question when the fact is in its prompt (in-context
+recall). That takes an induction-style circuit: find the earlier place whose preceding
+text matches the text before the cursor, and copy what followed it. Gradient descent
+finds such circuits only after a long plateau: a plain 4-layer model of this size
+trained on the same text showed no copying at all after 800 steps, ten times what
+pre-training's ≤60 s on two cores buys. So the circuit is written in directly, held
+fixed, and pre-training learns the language around it (and when to trust it).
 
 Residual stream layout (hidden size 256)::
 
-    CONST  1   a constant, the positional heads' query/key source
-    BOSF   1   1 on <|bos|>: the copy head's "nothing matched" sink
-    E     48   token identity (trainable; what the copy head copies)
-    QW    64   16 blocks × 4: hash codes of the tokens at offsets 0..15
-    KW    64   16 blocks × 4: hash codes of the tokens at offsets 1..16
-    OUT   48   the copied token identity, read by lm_head
-    free  30   (plus everything in E and OUT) for the rest of the network
+    CONST   1   a constant 4: source of the positional heads' queries and keys
+    BOSF    1   1 on <|bos|>: the copy head's "nothing matched" sink
+    E      48   token identity, orthonormal for the 48 most frequent bytes (fixed)
+    QW     64   16 blocks × 4: hash codes of the tokens at offsets 0..15
+    KW     64   16 blocks × 4: hash codes of the tokens at offsets 1..16
+    OUT    48   the copied identity, read by lm_head's (fixed) OUT columns
+    BOSN    1   <|bos|> only: gives it a typical norm
+    free   29   written by the rest of the network (which reads everything)
 
 Heads (4 per layer, head_dim 128, RoPE theta 1e8):
   layer 0, heads 0–3 attend to offsets 1–4 and write codes into QW/KW blocks;
   layer 1, head 0 attends to offset 4 and copies QW/KW blocks 0–3 to 4–7;
   layer 2, head 0 attends to offset 8 and copies blocks 0–7 to 8–15;
-  layer 3, head 0 compares QW at the cursor with KW everywhere (low RoPE frequencies,
-  which hardly rotate over the context) and copies E of the best match into OUT, or
-  attends to <|bos|> when fewer than ~10 of 16 blocks match.
-A positional head's query and key are built from CONST alone, using the highest RoPE
-frequencies with phases chosen so that the score peaks at the wanted offset.
+  layer 3, head 0 compares QW at the cursor with KW everywhere (in the slowest RoPE
+  dimensions, which hardly rotate over 512 positions) and copies E of the best match
+  into OUT, or rests on <|bos|> when fewer than ~10 of 16 blocks match.
+A positional head's query and key come from CONST alone, in the fastest RoPE pairs,
+with key phases chosen so that the score peaks at the wanted offset.
 
-:func:`protect` keeps this machinery fixed during pre-training (gradient masks): the
-other heads and MLPs may not write into CONST/BOSF/QW/KW, and the circuit's own
-projections do not move. Everything else trains.
+So the base continues any 16-byte context it has seen before: with "mira's door code
+is 4412." earlier in the prompt, "mira's door code is" is followed by " 4412".
+
+:func:`protect` holds the machinery fixed during pre-training with gradient masks.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ E = slice(2, 50)
 QW = slice(50, 114)
 KW = slice(114, 178)
 OUT = slice(178, 226)
-BLOCKS, CODE = 16, 4
+BLOCKS, CODE = 16, 4  # window length in tokens, hash code size per token
 # Dims only the circuit writes (their embedding columns and norm weights stay fixed too):
 # E because the copy head copies it, OUT because lm_head's fixed OUT columns read the
 # copy there. The rest of the network reads everything and writes the free dims.
@@ -67,17 +70,15 @@ _POS_FREQS = 6  # highest RoPE pairs used by positional heads
 _POS_PAIR_SCORE = 15.0  # logit per pair at the wanted offset: ≥95% attention there
 _MATCH_BLOCK_SCORE = 3.0  # logit per matching 4-dim block in the copy head
 _SINK_BLOCKS = 10.0  # the <|bos|> sink scores like this many matching blocks
-_COPY_LOGIT = 16.0
-_CONST = 4.0  # logit the copied token gets from lm_head
+_COPY_LOGIT = 12.0  # logit the copied token gets from lm_head
+# A large constant dominates every position's RMS, so RMSNorm scales all positions
+# alike and positional scores do not depend on what a position holds.
+_CONST = 4.0
 
 
 def _blk(space: slice, b: int, n: int = 1) -> slice:
     start = space.start + b * CODE
     return slice(start, start + n * CODE)
-
-
-def _rows(head: int, dims: range | list[int]) -> list[int]:
-    return [head * HEAD_DIM + d for d in dims]
 
 
 def _low_freq_dims(n: int) -> list[int]:
@@ -183,8 +184,6 @@ def install(
         emb = model.model.embed_tokens.weight
         emb.zero_()
         vocab = emb.shape[0]
-        # A large constant dominates every position's RMS, so RMSNorm scales positions
-        # alike and the positional heads' scores do not depend on what a position holds.
         emb[:, CONST] = _CONST
         emb[bos, BOSF] = 1.0
         emb[bos, BOSN] = 1.0
@@ -234,8 +233,8 @@ def install(
         for k in range(width):
             attn.q_proj.weight[dims[k], QW.start + k] = beta
             attn.k_proj.weight[dims[k], KW.start + k] = beta
-        # Sink: a constant in the query meets BOSF in the key. <|bos|>'s own RMS is
-        # small (only CONST and BOSF are set), so its normalised BOSF is large.
+        # Sink: a constant in the query meets BOSF in the key (only <|bos|> has it), scoring
+        # like _SINK_BLOCKS matching blocks. <|bos|>'s RMS comes from CONST, BOSF and BOSN.
         rms_bos = math.sqrt((_CONST**2 + 2.0) / HIDDEN)
         sink = _SINK_BLOCKS * _MATCH_BLOCK_SCORE * math.sqrt(HEAD_DIM)
         g = math.sqrt(sink * rms[3] * rms_bos)
