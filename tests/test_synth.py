@@ -32,7 +32,9 @@ def test_default_org_has_the_demo_shape(org):
     assert len(org.companies) == 3
     assert len(org.teams) == 12
     assert len(org.individuals) == 100
-    sizes = sorted((sum(1 for i in org.individuals if i.startswith(c + "/")) for c in org.companies), reverse=True)
+    sizes = sorted(
+        (sum(1 for i in org.individuals if i.startswith(c + "/")) for c in org.companies), reverse=True
+    )
     assert sizes[0] > sizes[-1]  # Zipf-ish: the largest company is clearly bigger
     for team in org.teams:
         assert any(i.startswith(team + "/") for i in org.individuals), f"{team} has no members"
@@ -99,7 +101,7 @@ def test_private_values_stay_with_their_owner(org):
     for mid in org.model_ids:
         blob = org.items_jsonl(mid)
         for value, owner in owner_of.items():
-            if f" {value}." in blob or f" {value}\n" in blob or f"{value}\"" in blob:
+            if f" {value}." in blob or f" {value}\n" in blob or f'{value}"' in blob:
                 assert owner == mid or mid.startswith(owner + "/"), (value, owner, mid)
 
 
@@ -139,7 +141,9 @@ def test_org_is_deterministic_per_seed():
 )
 def test_org_invariants_hold_for_any_shape(companies, teams, extra, facts, seed):
     n = companies * teams + extra
-    org = synthetic_org(companies=companies, teams_per_company=teams, individuals=n, facts_per_model=facts, seed=seed)
+    org = synthetic_org(
+        companies=companies, teams_per_company=teams, individuals=n, facts_per_model=facts, seed=seed
+    )
     assert (len(org.companies), len(org.teams), len(org.individuals)) == (companies, companies * teams, n)
     assert len(org.facts) == facts * len(org.tenants)
     assert len({f.value for f in org.facts}) == len(org.facts)
@@ -163,7 +167,9 @@ def test_general_text_is_deterministic_varied_and_teaches_lookup():
     assert docs != general_text(400, seed=2)
     assert len(set(docs)) > 390
     # the mix: prose, in-context fact lookups (a statement restated), chats, records
-    lookups = [d for d in docs if any(line.endswith(".") and line in d.split("\n")[0] for line in d.split("\n")[1:])]
+    lookups = [
+        d for d in docs if any(line.endswith(".") and line in d.split("\n")[0] for line in d.split("\n")[1:])
+    ]
     assert len(lookups) > 80
     assert any(d.startswith("<|user|>") for d in docs)
     assert any(d.startswith("Record of ") for d in docs)
