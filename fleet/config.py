@@ -278,8 +278,8 @@ class DivergenceConfig(_Section):
     """The population rule applies once a tier has this many scored models."""
     freeze_after: int = Field(3, ge=1)
     """Consecutive drift strikes (warn, rollback, reject) after which a model stops training (frozen)."""
-    batch_models: int = Field(8, ge=1)
-    """Models scored per forward pass. CPU: 4-8 keep activations in cache; a GPU wants 64 or more."""
+    batch_models: int = Field(4, ge=1)
+    """Models scored per forward pass (each brings probe_prompts rows). CPU: 2-4 keep activations in cache; a GPU wants 64 or more."""
     watch_every_s: float = Field(600.0, gt=0)
     """Default interval of `fleet drift watch`."""
 

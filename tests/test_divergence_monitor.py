@@ -218,6 +218,26 @@ def test_engine_scores_equal_the_pure_functions_on_materialized_logits(fleet, ba
     assert scores["beta"].own_rel_weight_norm == 0.0
 
 
+def test_packed_probe_rows_equal_the_models_own_forward_row_by_row(fleet, base_dir, monkeypatch):
+    """The Llama fast path (a stack's probe rows as one engine row, attention per probe row) gives the
+    logits of the engine's plain forward over one row per probe row, mixed stacks in one batch."""
+    from fleet.divergence import _forward
+    from fleet.runtime import load_engine
+
+    engine, _ = load_engine(fleet.cfg, max_slots=4, max_rank=4, device="cpu")
+    model = tiny_llama(**SHAPE, seed=1)
+    s = [engine.load(f"a{i}", random_lora(model, rank=4, seed=20 + i, std=0.05)) for i in range(3)]
+    slots = [[s[0], s[1], s[2]], [s[0], -1, -1], [-1, -1, -1], [s[2], s[1], -1]]
+    ids = torch.randint(0, 264, (5, 24), generator=torch.Generator().manual_seed(0))
+    assert _forward.packable(engine.model)
+    with torch.inference_mode():
+        packed = _forward.stacked_logits(engine, slots, ids)
+        monkeypatch.setattr(_forward, "packable", lambda model: False)
+        plain = _forward.stacked_logits(engine, slots, ids)
+    assert packed.shape == plain.shape == (4, 5, 24, 264)
+    torch.testing.assert_close(packed, plain, atol=2e-4, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------- scans
 def test_scan_scores_only_unscored_versions_and_records_both_relations(fleet):
     add(fleet, "acme", "acme/search", "acme/search/dana", "beta")
@@ -245,6 +265,12 @@ def test_scan_refuses_unknown_models_and_models_without_versions(fleet):
         scan(fleet, ["acme/search"])
     with pytest.raises(NotFoundError, match="no probe set 'acme-probes-v9'"):
         scan(fleet, probe_set="acme-probes-v9")
+    # a model on another base is not this configuration's to score
+    fleet.registry.add_tenant("gamma", base_model="other-base", rank=4, alpha=8.0)
+    publish(fleet, "gamma")
+    with pytest.raises(ValidationError, match="another base"):
+        scan(fleet, ["gamma"])
+    assert scan(fleet).counts["scored"] == 0
 
 
 def test_policy_actions_land_in_the_registry_and_rollback_restores_the_previous_version(tmp_path, base_dir):

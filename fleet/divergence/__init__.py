@@ -14,7 +14,7 @@ Contract (stable)::
 
     # building blocks
     probe = ensure_probe_set(fl)            # ProbeSet: rows + the base's cached top-k log-probs
-    FunctionScorer(engine, probe, fetch, batch_models=8, base_norms=...).score([ScoreItem(...)])
+    FunctionScorer(engine, probe, fetch, batch_models=4, base_norms=...).score([ScoreItem(...)])
 
 - Metrics (pure, no registry, no Ray): ``fleet.divergence.metrics`` (weight space from r×r Grams,
   function space from log-probs, the top-k cache and its bounds).

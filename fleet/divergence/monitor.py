@@ -150,13 +150,19 @@ def scan(fl, models: Sequence[str] | None = None, *, probe_set: str | None = Non
                 f"model(s) without any version: {', '.join(never[:5])}; there is nothing to score until they "
                 "are trained (`fleet train`) or imported (`fleet adapters import`)"
             )
+        foreign = [m for m in ids if status[m].base_model != fl.cfg.base.name]
+        if foreign:
+            raise ValidationError(
+                f"model(s) {', '.join(foreign[:5])} are on another base ({status[foreign[0]].base_model!r}) than "
+                f"this configuration's {fl.cfg.base.name!r}; scan them with that base's configuration"
+            )
         skipped = [
             {"model_id": m, "reason": "no active version"} for m in ids if status[m].active_version is None
         ]
     row = probe_sets.current(fl, probe_set)
     name = row["name"] if row else None
     # A probe set that does not exist yet has scored nothing: every active version is to do.
-    todo = reg.unscored_versions(name or "", models or None)
+    todo = reg.unscored_versions(name or "", models or None, base_model=fl.cfg.base.name)
     if not todo:
         res = ScanResult(name, skipped=skipped)
         res.seconds = time.perf_counter() - t0
@@ -313,6 +319,10 @@ def _apply(fl, decisions: Sequence[Decision], tiers: dict[str, str]) -> dict[str
         actions = []
         for d in ds:
             if d.action is DriftAction.ROLLBACK:
+                # Another scan (a cycle's, a watch job's) may have acted on this version since it was
+                # judged; roll back only the version that was judged, never the one restored before it.
+                if reg.drift_status([mid])[mid].active_version != d.version:
+                    continue
                 try:
                     restored = reg.rollback(mid, reason=f"drift rollback: {d.reason}")
                 except ConflictError:  # nothing active any more (an operator acted first)

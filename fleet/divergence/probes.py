@@ -263,6 +263,7 @@ def build(
         "tail_mass_mean": float(tail.mean()),
         "tail_mass_max": float(tail.max()),
         "base_general_nll": base_nll,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "fact_seed": FACT_SEED,
         "general_seed": GENERAL_SEED,
     }

@@ -14,7 +14,8 @@ engine, so that comparison is exact):
 Work is organised so that nothing is computed twice: versions are sorted by lineage, so siblings
 follow each other and their common parent stack is run once and kept only while they need it;
 adapters are loaded into engine slots once per chunk of versions; and each forward carries
-``batch_models`` stacks × the probe rows (``engine.rows``: every row its own stack).
+``batch_models`` stacks × the probe rows (``engine.rows``: every row its own stack; on Llama bases
+a stack's probe rows run as one long engine row, see ``_forward.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fleet.divergence._forward import stacked_logits
 from fleet.divergence._logits import function_metrics, log_probs, nll_shift
 from fleet.divergence.metrics import lora_batches, relative_metrics, weight_metrics
 from fleet.divergence.policy import DriftMetrics
@@ -88,6 +90,7 @@ class FunctionScorer:
 
     The engine needs ``3 × chunk_models`` free slots at most (a chunk's adapters; its parents'
     levels are among them). Other resident adapters are unloaded when room is needed.
+    ``weight_space=False`` leaves out the weight-space figures (function space only).
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class FunctionScorer:
         batch_models: int = 8,
         chunk_models: int | None = None,
         base_norms: dict[str, float] | None = None,
+        weight_space: bool = True,
     ) -> None:
         if batch_models < 1:
             raise ValidationError(f"batch_models must be >= 1, got {batch_models}")
@@ -108,6 +112,7 @@ class FunctionScorer:
         self.batch_models = batch_models
         self.chunk_models = chunk_models or max(4 * batch_models, 16)
         self.base_norms = base_norms
+        self.weight_space = weight_space
         self._weights: dict[str, object] = {}
         self._parents: dict[Levels, Tensor] = {}
         self.forwards = 0
@@ -168,7 +173,7 @@ class FunctionScorer:
             part = todo[i : i + self.batch_models]
             for p, lp in zip(part, self._logp(part), strict=True):
                 self._parents[p] = lp
-        weight = self._weight_metrics(chunk)
+        weight = self._weight_metrics(chunk) if self.weight_space else {}
         out: list[VersionScore] = []
         for i in range(0, len(chunk), self.batch_models):
             part = chunk[i : i + self.batch_models]
@@ -178,18 +183,15 @@ class FunctionScorer:
     @torch.inference_mode()
     def _logp(self, stacks: Sequence[Levels]) -> Tensor:
         """``[S, P, T, V]`` log-probs of each stack on every probe row, in one forward."""
-        P, T = self.probe.prompts, self.probe.tokens
         engine = self.engine
-        rows = []
+        slots = []
         for levels in stacks:
-            slots = [engine.slot(k) for k in levels]
-            rows += [slots + [-1] * (3 - len(slots))] * P
-        ids = self.probe.ids_PT.repeat(len(stacks), 1)
-        with engine.rows(torch.tensor(rows, dtype=torch.long)):
-            logits = engine.model(input_ids=ids).logits
+            row = [engine.slot(k) for k in levels]
+            slots.append(row + [-1] * (3 - len(row)))
+        logits = stacked_logits(engine, slots, self.probe.ids_PT)
         self.forwards += 1
         self.stacks_run += len(stacks)
-        return log_probs(logits).view(len(stacks), P, T, -1)
+        return log_probs(logits)
 
     @torch.inference_mode()
     def _function_metrics(

@@ -110,9 +110,10 @@ class DriftMixin(RegistryCore):
 
     # -- work to do ------------------------------------------------------------------------------
     def unscored_versions(
-        self, probe_set: str, model_ids: Sequence[str] | None = None
+        self, probe_set: str, model_ids: Sequence[str] | None = None, *, base_model: str | None = None
     ) -> list[tuple[str, int, str]]:
-        """``(model id, version, tier)`` of every active version with no sample on ``probe_set``."""
+        """``(model id, version, tier)`` of every active version with no sample on ``probe_set``
+        (of ``model_ids`` and of models on ``base_model``, when given)."""
         scored = exists().where(
             SAMPLES.c.probe_set == probe_set,
             SAMPLES.c.model_id == MODELS.c.id,
@@ -124,6 +125,8 @@ class DriftMixin(RegistryCore):
             .where(MODELS.c.active_version.is_not(None), ~scored)
             .order_by(MODELS.c.id)
         )
+        if base_model is not None:
+            stmt = stmt.where(MODELS.c.base_model == base_model)
         out: list[tuple[str, int, str]] = []
         with self.read() as conn:
             if model_ids is None:
