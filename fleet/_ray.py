@@ -24,6 +24,9 @@ def ensure_ray(cfg: FleetConfig, *, log_to_driver: bool = False, dashboard: bool
     env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_V2_ENABLED": "1"}
     kwargs = dict(namespace=cfg.ray.namespace, log_to_driver=log_to_driver, runtime_env={"env_vars": env})
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")  # inside a Ray job: its cluster
+    if os.environ.get("RAY_ADDRESS") and not cfg.ray.address:
+        # A job's driver: the job's own runtime env applies; a second one would conflict with it.
+        kwargs.pop("runtime_env")
     try:
         if address:
             ctx = ray.init(address=address, **kwargs)

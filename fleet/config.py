@@ -92,15 +92,15 @@ class LoraConfig(_Section):
 
 
 class LearningSchedule(_Section):
-    lr: float = Field(2e-3, gt=0, le=1.0)
+    lr: float = Field(3e-3, gt=0, le=1.0)
     """Peak learning rate."""
-    warmup_steps: int = Field(5, ge=0)
+    warmup_steps: int = Field(2, ge=0)
     """Linear warm-up steps."""
     decay: Literal["constant", "linear", "cosine"] = "cosine"
     """Shape after warm-up."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     """Floor of the decay as a fraction of lr."""
-    steps: int = Field(60, ge=1)
+    steps: int = Field(24, ge=1)
     """Optimizer steps per training run."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay on adapter weights."""
@@ -110,7 +110,7 @@ class LearningSchedule(_Section):
     """Rank of new adapters for this tier (empty: lora.rank)."""
     replay_fraction: float = Field(0.25, ge=0, le=1)
     """Share of older (already learned) items replayed with new ones."""
-    kl_weight: float = Field(0.0, ge=0)
+    kl_weight: float = Field(0.5, ge=0)
     """Weight of the KL penalty toward the base model's next-token distribution."""
 
 
@@ -203,7 +203,7 @@ class SchedulerConfig(_Section):
     max_pack_members: int = Field(64, ge=1)
     """Most members one pack may hold."""
     tokens_per_gpu_s: float = Field(20_000.0, gt=0)
-    """Training throughput of a full slice (speed 1.0), tokens per second, for budgets."""
+    """Learning throughput of a full slice (speed 1.0): tokens of new data learned per second (each trained on for a schedule's several passes)."""
     pack_overhead_s: float = Field(15.0, ge=0)
     """Start-up cost of one pack's training run (Ray Train), charged to the slice, not to companies."""
     min_member_tokens: int = Field(512, ge=1)

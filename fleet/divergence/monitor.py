@@ -321,11 +321,9 @@ def _apply(fl, decisions: Sequence[Decision], tiers: dict[str, str]) -> dict[str
             if d.action is DriftAction.ROLLBACK:
                 # Another scan (a cycle's, a watch job's) may have acted on this version since it was
                 # judged; roll back only the version that was judged, never the one restored before it.
-                if reg.drift_status([mid])[mid].active_version != d.version:
-                    continue
                 try:
-                    restored = reg.rollback(mid, reason=f"drift rollback: {d.reason}")
-                except ConflictError:  # nothing active any more (an operator acted first)
+                    restored = reg.rollback(mid, reason=f"drift rollback: {d.reason}", expected_version=d.version)
+                except ConflictError:  # no longer the active version (another scan or an operator acted)
                     continue
                 to = version_key(mid, restored.version) if restored else "its ancestors' stack"
                 actions.append((d.action.value, d.version, f"{d.reason}; serving {to}"))

@@ -116,7 +116,7 @@ def prepare_cycle(fl, *, now: float | None = None, inventory=None) -> tuple[int,
     counts = result.reason_counts()
     reg.update_cycle(cycle_id, {
         "kind": "cycle",
-        "scheduled": counts.get("scheduled", 0),
+        "scheduled": sum(len(p.members) for p in result.packs),
         "reasons": {k: v for k, v in counts.items() if v},
         "plan": result.to_dict(include_unscheduled=False),
     })

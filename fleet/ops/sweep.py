@@ -116,11 +116,15 @@ def run_sweep(fl, *, tier: str, samples: int, models: int, apply: bool = False, 
         time_attr="training_iteration", max_t=max(2, total_steps // report_every + 1), grace_period=1,
         reduction_factor=2,
     )
+    # The trial function only drives its TorchTrainer: a sliver of a CPU (Tune refuses zero).
+    driver_cpu = 0.01
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    concurrent = max(1, int((cpus - samples * driver_cpu) // max(1.0, res.get("CPU", 1.0))))
     tuner = tune.Tuner(
-        tune.with_resources(_trial, {"CPU": 0}),
+        tune.with_resources(_trial, {"CPU": driver_cpu}),
         param_space=space,
         tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=samples, scheduler=scheduler,
-                                    max_concurrent_trials=max(1, int(ray.cluster_resources().get("CPU", 1) // max(1, res.get("CPU", 1))))),
+                                    max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=f"sweep-{tier}-{sweep_id}", storage_path=storage_path),
     )
     grid = tuner.fit()

@@ -203,11 +203,15 @@ class VersionsMixin(RegistryCore):
             self._activate(conn, model_id, target, now)
             return _version_record(self._version_row(conn, model_id, version))
 
-    def rollback(self, model_id: str, reason: str = "rolled back by operator") -> VersionRecord | None:
+    def rollback(
+        self, model_id: str, reason: str = "rolled back by operator", *, expected_version: int | None = None
+    ) -> VersionRecord | None:
         """Retire the active version and restore the previously active one, in one transaction.
 
         Returns the restored version, or None when there was no earlier version (the model then
-        falls back to its nearest ancestor's adapter, or the base).
+        falls back to its nearest ancestor's adapter, or the base). With ``expected_version``, the
+        rollback happens only if that version is still the active one (ConflictError otherwise), so
+        two monitors judging the same version never roll back twice.
         """
         validate_id(model_id)
         now = self.now()
@@ -220,6 +224,10 @@ class VersionsMixin(RegistryCore):
             ).first()
             if current is None:
                 raise ConflictError(f"model {model_id!r} has no active version to roll back")
+            if expected_version is not None and current.version != expected_version:
+                raise ConflictError(
+                    f"{model_id}@v{expected_version} is no longer active (v{current.version} is); not rolled back"
+                )
             previous = conn.execute(
                 select(VERSIONS)
                 .where(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384, 448, 512, 768, 1024, 1536, 2048)
 
 
 @dataclass(frozen=True)

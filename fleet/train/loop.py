@@ -211,10 +211,8 @@ def _objective(evals: list[dict[str, float]], kl_lambda: float) -> dict[str, flo
 
 
 def _trains(m, i: int, step: int, tokens: list[int]) -> bool:
-    """A member steps until its schedule ends or it has used its token budget."""
-    if step >= m.learning_schedule.steps:
-        return False
-    return m.token_budget is None or tokens[i] < m.token_budget
+    """A member steps until its own schedule ends (its data was pinned to its budget already)."""
+    return step < m.learning_schedule.steps
 
 
 def _member_nll(logits_BTV, ids_BT, mask_BT, member_B, n_members: int):

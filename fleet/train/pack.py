@@ -37,7 +37,7 @@ class MemberSpec:
     schedule: dict[str, Any]
     replay_fraction: float
     kl_weight: float
-    token_budget: int | None
+    token_budget: int | None  # tokens of new data this run learns (the plan's budget); None: all pending
     seed: int
 
     @property
@@ -145,6 +145,11 @@ def build_pack(
                 f"model {mid!r} has no new data since its watermark (item {snap.watermark}); "
                 "ingest context first (`fleet ingest`)"
             )
+        upto = snap.snapshot_max_id
+        if token_budgets is not None and not from_scratch:
+            # The plan's budget is the new data this run learns; a larger backlog waits for the
+            # next cycle (the watermark only advances past what was learned).
+            upto = _budget_upto(reg, mid, snap.watermark, upto, int(token_budgets[i]))
         tier = models[mid].tier
         sched = tier_schedule(cfg, reg, tier)
         if schedule:
@@ -165,7 +170,7 @@ def build_pack(
                 start=AdapterRef(own.key, own.uri, own.sha256) if own else None,
                 ancestors=ancestors,
                 watermark=snap.watermark,
-                upto=snap.snapshot_max_id,
+                upto=upto,
                 schedule=sched.model_dump(),
                 replay_fraction=sched.replay_fraction,
                 kl_weight=sched.kl_weight,
@@ -182,3 +187,17 @@ def build_pack(
         slice_profile=slice_profile,
         resources=dict(resources or {}),
     )
+
+
+def _budget_upto(reg, model_id: str, watermark: int, upto: int, budget: int) -> int:
+    """The last new item that fits the budget (always at least the first one)."""
+    total, last = 0, None
+    for item in reg.items(model_id, after=watermark):
+        if item["id"] > upto:
+            break
+        if last is not None and total + item["tokens"] > budget:
+            break
+        total += item["tokens"]
+        last = item["id"]
+    return last if last is not None else upto
+

@@ -60,16 +60,51 @@ def _train(fl, packs: list[dict], *, steps, console, gates, cycle_id: int | None
     return outcomes
 
 
+def stages(packs: list[dict]) -> list[list[dict]]:
+    """Each pack split by level into companies, then teams, then individuals.
+
+    A child adapter learns on top of its ancestors' active adapters; an ancestor trained in the
+    same cycle must therefore be published before its descendants train, or they would be served
+    on top of an ancestor they never saw.
+    """
+    out: list[list[dict]] = [[], [], []]
+    for p in packs:
+        members = list(p.get("members") or [])
+        budgets = p.get("token_budgets")
+        by_level: dict[int, list[int]] = {}
+        for i, m in enumerate(members):
+            by_level.setdefault(min(m.count("/"), 2), []).append(i)
+        for level, idx in sorted(by_level.items()):
+            out[level].append({**p, "members": [members[i] for i in idx],
+                               "token_budgets": [budgets[i] for i in idx] if budgets else None})
+    return [s for s in out if s]
+
+
 def train_packs(fl, packs: list[dict], *, cycle_id: int, steps=None, console=None,
                 gates: Sequence[Gate] = ()) -> tuple[list[PackOutcome], list[PackSpec]]:
-    """Check every pack first (nothing runs if one is invalid), then train them all."""
-    specs = [
-        build_pack(fl, list(p.get("members") or []), cycle_id=cycle_id, index=n,
-                   token_budgets=p.get("token_budgets"), slice_profile=p.get("slice_profile"),
-                   resources=p.get("resources"), steps=steps)
-        for n, p in enumerate(packs)
-    ]
-    return _run_with_progress(fl, specs, console, gates), specs
+    """Train a plan's packs in level stages (companies, teams, individuals), packs of a stage
+    concurrently. Every pack of the first stage is checked before anything runs; later stages are
+    built when they start, on top of the versions the stages before them published."""
+    outcomes: list[PackOutcome] = []
+    specs: list[PackSpec] = []
+    n = 0
+    for k, stage in enumerate(stages(packs)):
+        built = []
+        for p in stage:
+            try:
+                built.append(build_pack(fl, list(p["members"]), cycle_id=cycle_id, index=n,
+                                        token_budgets=p.get("token_budgets"), slice_profile=p.get("slice_profile"),
+                                        resources=p.get("resources"), steps=steps))
+            except ValidationError:
+                if k == 0:
+                    raise
+                # A member may have been frozen by the monitor or trained meanwhile: skip the pack.
+                continue
+            n += 1
+        if built:
+            specs += built
+            outcomes += _run_with_progress(fl, built, console, gates)
+    return outcomes, specs
 
 
 def summary_of(outcomes: Sequence[PackOutcome], **extra) -> dict:
