@@ -14,10 +14,9 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import console, percentile, table, write_results  # noqa: E402
-
 import boto3  # noqa: E402
 import torch  # noqa: E402
+from _common import console, percentile, table, write_results  # noqa: E402
 from safetensors.torch import save  # noqa: E402
 
 from fleet.config import StoreConfig  # noqa: E402

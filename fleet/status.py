@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -10,7 +11,7 @@ from rich.table import Table
 from fleet.types import TIERS
 
 
-def collect_status(fl) -> dict[str, Any]:
+def collect_status(fl, *, serving: bool = True) -> dict[str, Any]:
     reg = fl.registry
     summary = reg.summary()
     out: dict[str, Any] = {
@@ -30,6 +31,77 @@ def collect_status(fl) -> dict[str, Any]:
             for c in reg.list_cycles(limit=5)
         ],
     }
+    if serving:
+        out["serving"] = serving_summary(fl.cfg)
+    return out
+
+
+def ray_auth_headers() -> dict[str, str]:
+    """Ray's dashboard token, where the cluster uses token authentication (a local ``ray.init``
+    does by default): ``$RAY_AUTH_TOKEN``, else the file ``$RAY_AUTH_TOKEN_PATH``, else
+    ``~/.ray/auth_token`` (Ray's own order). Empty when there is none."""
+    import os
+
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            token = ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _get_json(url: str, timeout: float, headers: dict[str, str] | None = None) -> tuple[Any, str | None]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        req = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - operator-configured URL
+            return json.loads(resp.read().decode()), None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return None, f"{type(exc).__name__}: {reason}"
+
+
+def serving_summary(cfg, *, timeout: float = 2.0) -> dict[str, Any]:
+    """The serving side as operators see it, without joining Ray: does the API answer
+    (``/healthz`` at ``serve.host:serve.port``), and what does Ray Serve report about fleet's
+    application and its deployments (the dashboard's Serve REST API, which ``serve status``
+    reads too). Either part is reported as unreachable, with the reason, when it does not answer."""
+    import time
+
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
+    api = f"http://{host}:{cfg.serve.port}"
+    t0 = time.perf_counter()
+    health, err = _get_json(f"{api}/healthz", timeout)
+    out: dict[str, Any] = {
+        "api": f"{api}/v1",
+        "api_ok": bool(health and health.get("status") == "ok"),
+        "api_latency_ms": round((time.perf_counter() - t0) * 1000, 1) if health else None,
+        "api_error": err,
+        "app": cfg.serve.app_name,
+        "app_status": None,
+        "deployments": {},
+    }
+    dash = cfg.ray.dashboard_url.rstrip("/")
+    details, err = _get_json(f"{dash}/api/serve/applications/", timeout, ray_auth_headers())
+    if details is None:
+        out["app_error"] = f"Ray dashboard at {dash} not reachable ({err})"
+        return out
+    app = (details.get("applications") or {}).get(cfg.serve.app_name)
+    if app is None:
+        out["app_status"] = "NOT_DEPLOYED"
+        return out
+    out["app_status"] = app.get("status")
+    out["app_message"] = app.get("message") or None
+    for name, dep in sorted((app.get("deployments") or {}).items()):
+        states: dict[str, int] = {}
+        for replica in dep.get("replicas") or []:
+            states[replica.get("state", "UNKNOWN")] = states.get(replica.get("state", "UNKNOWN"), 0) + 1
+        out["deployments"][name] = {"status": dep.get("status"), "replicas": dict(sorted(states.items()))}
     return out
 
 
@@ -69,3 +141,15 @@ def render_status(st: dict[str, Any], console: Console) -> None:
                 *(str(c.get(k) if c.get(k) is not None else "-") for k in ("packs", "trained", "published", "rejected", "rolled_back")),
             )
         console.print(ct)
+    sv = st.get("serving")
+    if sv:
+        api = f"[green]answering[/] at {sv['api']} ({sv['api_latency_ms']} ms)" if sv["api_ok"] else f"[yellow]not answering[/] at {sv['api']}"
+        console.print(f"serving: API {api}")
+        if sv["app_status"] is None:
+            console.print(f"  Serve application: unknown ({sv.get('app_error')})")
+        else:
+            deps = ", ".join(
+                f"{n} {d['status']} ({', '.join(f'{k.lower()} {v}' for k, v in d['replicas'].items()) or 'no replicas'})"
+                for n, d in sv["deployments"].items()
+            )
+            console.print(f"  Serve application {sv['app']!r}: {sv['app_status']}" + (f"; {deps}" if deps else ""))

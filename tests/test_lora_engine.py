@@ -21,7 +21,7 @@ N_IND, N_TEAM, N_CO = 64, 4, 2
 RANKS = (1, 2, 3, 4, 8, 16)
 MAX_RANK = 16
 SEQ_LEN, N_SEQS = 9, 6
-REL_TOL = 1e-5
+REL_TOL = 5e-5  # float32 through 4 layers, different summation order than PEFT; a wrong scale is ~1e-1
 
 
 def small_llama(seed: int = 0):

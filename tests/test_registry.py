@@ -8,7 +8,14 @@ import pytest
 from sqlalchemy import insert
 from sqlalchemy.exc import IntegrityError as SAIntegrityError
 
-from fleet.errors import AuthError, ConflictError, InvalidIdError, NotFoundError, UnavailableError, ValidationError
+from fleet.errors import (
+    AuthError,
+    ConflictError,
+    InvalidIdError,
+    NotFoundError,
+    UnavailableError,
+    ValidationError,
+)
 from fleet.registry import NewItem, PublishRequest, Registry
 from fleet.registry._versions import VERSIONS
 from fleet.store import LocalStore

@@ -60,18 +60,23 @@ class Reference:
         return self.complete(model_id, encode_prompt(self.tok, prompt), n)
 
 
+DASHBOARD: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     world = make_world(
         tmp_path_factory.mktemp("serve-app"), port=free_port(), company_rate_limits={"slowco": 0.01}
     )
     metrics_port = free_port()
-    ray.init(
+    ctx = ray.init(
         num_cpus=4,
-        include_dashboard=False,
+        include_dashboard=True,  # fleet status reads the Serve application through its REST API
+        dashboard_port=free_port(),
         _metrics_export_port=metrics_port,
         _system_config={"metrics_report_interval_ms": 1000},
     )
+    DASHBOARD["url"] = f"http://{ctx.dashboard_url}"
     try:
         url = start(world.cfg)
         yield world, url, metrics_port
@@ -446,3 +451,26 @@ def test_fuzzed_requests_get_clean_answers_never_a_500(app, request, auth):
         assert events[-1] == "data: [DONE]" and all('"error"' not in e[:12] for e in events)
     else:
         assert r.json()["choices"] and r.headers[SERVED_BY]
+
+
+# ---------------------------------------------------------------------- operators' view
+def test_status_reports_the_api_and_the_serve_application(app):
+    from urllib.parse import urlparse
+
+    from fleet.status import serving_summary
+
+    world, url, _ = app
+    cfg = world.cfg.model_copy(deep=True)
+    cfg.serve.host, cfg.serve.port = urlparse(url).hostname, urlparse(url).port
+    cfg.ray.dashboard_url = DASHBOARD["url"]
+    sv = serving_summary(cfg)
+    assert sv["api_ok"] and sv["api"] == f"{url}/v1", sv
+    assert sv["app_status"] == "RUNNING", sv
+    assert set(sv["deployments"]) == {"FleetIngress", "FleetModel"}
+    assert all(d["status"] == "HEALTHY" and d["replicas"].get("RUNNING", 0) >= 1 for d in sv["deployments"].values()), sv["deployments"]
+
+    cfg.serve.port = free_port()  # nothing listens there
+    cfg.ray.dashboard_url = f"http://127.0.0.1:{free_port()}"
+    down = serving_summary(cfg, timeout=1.0)
+    assert not down["api_ok"] and down["api_error"] and down["app_status"] is None
+    assert "not reachable" in down["app_error"]

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from fleet.config import StoreConfig
-from fleet.errors import ConfigError, IntegrityError, InvalidIdError, NotFoundError, UnavailableError, ValidationError
+from fleet.errors import (
+    ConfigError,
+    IntegrityError,
+    InvalidIdError,
+    NotFoundError,
+    UnavailableError,
+    ValidationError,
+)
 from fleet.registry import PublishRequest, Registry
 from fleet.store import LocalStore, open_store_uri
 

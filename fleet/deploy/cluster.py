@@ -23,7 +23,7 @@ NODE_ENV_PATH = "~/fleet.env"
 NODE_SOURCE_PATH = "~/fleet-src"
 
 _HEADER = """\
-# Ray cluster launcher config for fleet on AWS: `ray up cluster.yaml` (see k8s/DEPLOY.md).
+# Ray cluster launcher config for fleet on AWS: `ray up cluster.yaml` (see README.md, "Deploy").
 # Generated from the fleet config's deploy section by `fleet cluster-yaml`; change the config and
 # regenerate instead of editing this file (a test keeps it equal to the default config's rendering).
 """
