@@ -23,7 +23,11 @@ def write_results(name: str, figures: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     old.update(figures)
-    old["_machine"] = {"python": sys.version.split()[0], "platform": platform.platform(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    old["_machine"] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
     path.write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
     return path
 

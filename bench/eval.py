@@ -18,8 +18,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import console, table, write_results  # noqa: E402
 
-KEYS = ("recall_trained", "recall_base", "recall_in_context", "prompt_token_ratio_in_context_vs_trained",
-        "leak_rate", "general_dnll_nats")
+KEYS = (
+    "recall_trained",
+    "recall_base",
+    "recall_in_context",
+    "prompt_token_ratio_in_context_vs_trained",
+    "leak_rate",
+    "general_dnll_nats",
+)
 
 
 def main() -> None:
@@ -37,17 +43,28 @@ def main() -> None:
     wall = time.perf_counter() - t0
     res = out["eval"]
     figures = {k: res[k] for k in KEYS}
-    figures.update(models=res.get("models"), facts=res.get("facts"), demo_wall_s=round(wall, 1),
-                   cycles=len(out.get("cycles", [])))
-    table("fleet eval on the demo organisation (2 cycles)", [
-        ("recall, trained (question alone)", f"{res['recall_trained']:.3f}", "≫ base"),
-        ("recall, base (question alone)", f"{res['recall_base']:.3f}", ""),
-        ("recall, base + source in prompt", f"{res['recall_in_context']:.3f}", ""),
-        ("prompt tokens in context ÷ trained", f"{res['prompt_token_ratio_in_context_vs_trained']:.2f}×", "> 1"),
-        ("cross-team leak rate", f"{res['leak_rate']:.3f}", "≈ 0"),
-        ("ΔNLL on general text, nats/token", f"{res['general_dnll_nats']:.3f}", "small"),
-        ("demo wall time", f"{wall:.0f} s", "< 300 s"),
-    ])
+    figures.update(
+        models=res.get("models"),
+        facts=res.get("facts"),
+        demo_wall_s=round(wall, 1),
+        cycles=len(out.get("cycles", [])),
+    )
+    table(
+        "fleet eval on the demo organisation (2 cycles)",
+        [
+            ("recall, trained (question alone)", f"{res['recall_trained']:.3f}", "≫ base"),
+            ("recall, base (question alone)", f"{res['recall_base']:.3f}", ""),
+            ("recall, base + source in prompt", f"{res['recall_in_context']:.3f}", ""),
+            (
+                "prompt tokens in context ÷ trained",
+                f"{res['prompt_token_ratio_in_context_vs_trained']:.2f}×",
+                "> 1",
+            ),
+            ("cross-team leak rate", f"{res['leak_rate']:.3f}", "≈ 0"),
+            ("ΔNLL on general text, nats/token", f"{res['general_dnll_nats']:.3f}", "small"),
+            ("demo wall time", f"{wall:.0f} s", "< 300 s"),
+        ],
+    )
     console.print(f"wrote {write_results('eval', figures)}")
 
 

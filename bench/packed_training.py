@@ -70,7 +70,9 @@ def step_setup(members: int, rows_each: int):
 def one_step(engine, model, opt, keys, ids, member, slots) -> None:
     with engine.rows(slots):
         logits = model(input_ids=ids).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none"
+        ).mean(1)
         loss_M = torch.zeros(len(keys)).index_add(0, member, nll)
         loss_M.sum().backward()
     opt.clip_({k: 1.0 for k in keys})
@@ -93,8 +95,11 @@ def step_ratio(reps: int) -> dict[str, float]:
         ts.append(time.perf_counter() - t)
     tokens = 32 * ROWS * ROW_LEN
     best_p, best_s = sorted(tp)[len(tp) // 2], sorted(ts)[len(ts) // 2]
-    return {"packed_tokens_per_s": tokens / best_p, "single_tokens_per_s": tokens / best_s,
-            "packed_step_ratio_vs_single": best_s / best_p}
+    return {
+        "packed_tokens_per_s": tokens / best_p,
+        "single_tokens_per_s": tokens / best_s,
+        "packed_step_ratio_vs_single": best_s / best_p,
+    }
 
 
 def rss_child(members: int) -> float:
@@ -109,8 +114,12 @@ def rss_child(members: int) -> float:
 def rss_ratio() -> dict[str, float]:
     out = {}
     for k in (1, 32):
-        res = subprocess.run([sys.executable, __file__, "--rss-child", str(k), "--base", str(BASE)],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, __file__, "--rss-child", str(k), "--base", str(BASE)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[k] = float(res.stdout.strip().splitlines()[-1])
     return {"peak_rss_1_mib": out[1], "peak_rss_32_mib": out[32], "peak_rss_ratio_32_vs_1": out[32] / out[1]}
 
@@ -133,15 +142,21 @@ def ray_wall(steps: int) -> dict[str, float]:
         fl.add_tenant(t.id)
     fl.ingestor().ingest_many({m: [i.to_json() for i in org.items_of(m)] for m in org.model_ids})
     models = list(org.individuals)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}})
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
+    )
     # Both sides pinned to the same data before either runs.
     # Both sides use the whole machine: the pack one worker with every CPU, the single runs one
     # CPU each, as many at once as there are CPUs (the strongest baseline for separate runs).
     cpus = float(os.cpu_count() or 1)
     pack = build_pack(fl, models, cycle_id=1, index=0, steps=steps, resources={"CPU": cpus})
-    singles = [build_pack(fl, [m], cycle_id=2, index=i, steps=steps, resources={"CPU": 1.0})
-               for i, m in enumerate(models)]
+    singles = [
+        build_pack(fl, [m], cycle_id=2, index=i, steps=steps, resources={"CPU": 1.0})
+        for i, m in enumerate(models)
+    ]
     t = time.perf_counter()
     (o,) = run_packs(fl, [pack])
     packed = time.perf_counter() - t
@@ -151,7 +166,11 @@ def ray_wall(steps: int) -> dict[str, float]:
     separate = time.perf_counter() - t
     assert not any(x.error for x in outs)
     ray.shutdown()
-    return {"ray_wall_packed_s": packed, "ray_wall_8_runs_s": separate, "ray_wall_speedup_packed_vs_8_runs": separate / packed}
+    return {
+        "ray_wall_packed_s": packed,
+        "ray_wall_8_runs_s": separate,
+        "ray_wall_speedup_packed_vs_8_runs": separate / packed,
+    }
 
 
 def main() -> None:
@@ -170,11 +189,22 @@ def main() -> None:
     BASE = random_base(Path(tempfile.mkdtemp(prefix="fleet-bench-base-")) / "base")
     f = {**step_ratio(args.reps), **rss_ratio(), **ray_wall(args.steps)}
     f = {k: round(v, 4) for k, v in f.items()}
-    table("packed training (tiny base, r=8)", [
-        ("packed step (32 members) ÷ single-adapter step, tokens/s", f"{f['packed_step_ratio_vs_single']:.2f}×", "≥ 0.8"),
-        ("peak RSS, 32-member pack ÷ 1-member pack", f"{f['peak_rss_ratio_32_vs_1']:.2f}×", "≤ 1.3"),
-        ("8 models: 8 Ray Train runs ÷ one packed run, wall", f"{f['ray_wall_speedup_packed_vs_8_runs']:.1f}×", "≥ 5"),
-    ])
+    table(
+        "packed training (tiny base, r=8)",
+        [
+            (
+                "packed step (32 members) ÷ single-adapter step, tokens/s",
+                f"{f['packed_step_ratio_vs_single']:.2f}×",
+                "≥ 0.8",
+            ),
+            ("peak RSS, 32-member pack ÷ 1-member pack", f"{f['peak_rss_ratio_32_vs_1']:.2f}×", "≤ 1.3"),
+            (
+                "8 models: 8 Ray Train runs ÷ one packed run, wall",
+                f"{f['ray_wall_speedup_packed_vs_8_runs']:.1f}×",
+                "≥ 5",
+            ),
+        ],
+    )
     console.print(json.dumps(f))
     console.print(f"wrote {write_results('packed_training', f)}")
 

@@ -65,8 +65,21 @@ def main() -> None:
             conn.execute(
                 VERSIONS.insert(),
                 [
-                    dict(model_id=m, version=1, state="active", sha256="0" * 64, uri=f"file:///x/{m}/v1", size_bytes=1,
-                         rank=8, alpha=16.0, base_model="tiny", parents=[], watermark=0, metrics={}, created_at=0.0)
+                    dict(
+                        model_id=m,
+                        version=1,
+                        state="active",
+                        sha256="0" * 64,
+                        uri=f"file:///x/{m}/v1",
+                        size_bytes=1,
+                        rank=8,
+                        alpha=16.0,
+                        base_model="tiny",
+                        parents=[],
+                        watermark=0,
+                        metrics={},
+                        created_at=0.0,
+                    )
                     for m in chosen[i : i + 50_000]
                 ],
             )

@@ -125,8 +125,13 @@ def main() -> None:
             ),
             ("plan() peak memory (traced)", f"{fig['plan_1m_peak_mib']:.0f} MiB", "≤ 2048 MiB"),
             ("simulate 10⁶ models × 144 cycles", f"{fig['simulate_1m_24h_s']:.1f} s", "≤ 120 s"),
-            ("demand query 10⁶ models (bench/registry.py)",
-             "run bench/registry.py" if fig["demand_query_1m_s"] is None else f"{fig['demand_query_1m_s']:.2f} s", "≤ 5 s"),
+            (
+                "demand query 10⁶ models (bench/registry.py)",
+                "run bench/registry.py"
+                if fig["demand_query_1m_s"] is None
+                else f"{fig['demand_query_1m_s']:.2f} s",
+                "≤ 5 s",
+            ),
             ("sim Jain vs shares: fleet / fifo", f"{fl.jain:.3f} / {ff.jain:.3f}", "fleet ≥ 0.95"),
             ("sim starved models: fleet / fifo", f"{fl.starved:,} / {ff.starved:,}", "fleet 0"),
             (

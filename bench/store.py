@@ -23,8 +23,15 @@ from fleet.config import StoreConfig  # noqa: E402
 from fleet.store import open_store_uri  # noqa: E402
 
 HIDDEN, INTER, LAYERS, RANK = 256, 688, 4, 8
-SHAPES = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
-          "gate_proj": (HIDDEN, INTER), "up_proj": (HIDDEN, INTER), "down_proj": (INTER, HIDDEN)}
+SHAPES = {
+    "q_proj": (HIDDEN, HIDDEN),
+    "k_proj": (HIDDEN, HIDDEN),
+    "v_proj": (HIDDEN, HIDDEN),
+    "o_proj": (HIDDEN, HIDDEN),
+    "gate_proj": (HIDDEN, INTER),
+    "up_proj": (HIDDEN, INTER),
+    "down_proj": (INTER, HIDDEN),
+}
 
 
 def adapter_bytes() -> tuple[bytes, bytes]:
@@ -62,8 +69,11 @@ def main(n: int = 200) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         endpoint = f"http://127.0.0.1:{port}"
         for _ in range(100):
@@ -73,8 +83,13 @@ def main(n: int = 200) -> None:
             except OSError:
                 time.sleep(0.1)
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x",
-                     aws_secret_access_key="x").create_bucket(Bucket=bucket)
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="x",
+            aws_secret_access_key="x",
+        ).create_bucket(Bucket=bucket)
         import os
 
         os.environ.setdefault("AWS_ACCESS_KEY_ID", "x")
@@ -86,17 +101,32 @@ def main(n: int = 200) -> None:
     size_kib = sum(len(b) for b in adapter_bytes()) / 1024
     f = {
         "adapter_kib": round(size_kib, 1),
-        "local_put_p50_ms": round(percentile(lp, 50), 3), "local_put_p99_ms": round(percentile(lp, 99), 3),
-        "local_get_p50_ms": round(percentile(lg, 50), 3), "local_get_p99_ms": round(percentile(lg, 99), 3),
-        "s3_put_p50_ms": round(percentile(sp, 50), 3), "s3_put_p99_ms": round(percentile(sp, 99), 3),
-        "s3_get_p50_ms": round(percentile(sg, 50), 3), "s3_get_p99_ms": round(percentile(sg, 99), 3),
+        "local_put_p50_ms": round(percentile(lp, 50), 3),
+        "local_put_p99_ms": round(percentile(lp, 99), 3),
+        "local_get_p50_ms": round(percentile(lg, 50), 3),
+        "local_get_p99_ms": round(percentile(lg, 99), 3),
+        "s3_put_p50_ms": round(percentile(sp, 50), 3),
+        "s3_put_p99_ms": round(percentile(sp, 99), 3),
+        "s3_get_p50_ms": round(percentile(sg, 50), 3),
+        "s3_get_p99_ms": round(percentile(sg, 99), 3),
     }
-    table(f"adapter store, rank-8 tiny-base adapter ({size_kib:.0f} KiB), {n} versions", [
-        ("local put p50 / p99", f"{f['local_put_p50_ms']:.2f} / {f['local_put_p99_ms']:.2f} ms", ""),
-        ("local get p50 / p99 (sha256 verified)", f"{f['local_get_p50_ms']:.2f} / {f['local_get_p99_ms']:.2f} ms", ""),
-        ("S3 put p50 / p99", f"{f['s3_put_p50_ms']:.2f} / {f['s3_put_p99_ms']:.2f} ms", ""),
-        ("S3 get p50 / p99 (sha256 verified)", f"{f['s3_get_p50_ms']:.2f} / {f['s3_get_p99_ms']:.2f} ms", ""),
-    ])
+    table(
+        f"adapter store, rank-8 tiny-base adapter ({size_kib:.0f} KiB), {n} versions",
+        [
+            ("local put p50 / p99", f"{f['local_put_p50_ms']:.2f} / {f['local_put_p99_ms']:.2f} ms", ""),
+            (
+                "local get p50 / p99 (sha256 verified)",
+                f"{f['local_get_p50_ms']:.2f} / {f['local_get_p99_ms']:.2f} ms",
+                "",
+            ),
+            ("S3 put p50 / p99", f"{f['s3_put_p50_ms']:.2f} / {f['s3_put_p99_ms']:.2f} ms", ""),
+            (
+                "S3 get p50 / p99 (sha256 verified)",
+                f"{f['s3_get_p50_ms']:.2f} / {f['s3_get_p99_ms']:.2f} ms",
+                "",
+            ),
+        ],
+    )
     console.print(f"wrote {write_results('store', f)}")
 
 

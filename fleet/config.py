@@ -286,7 +286,9 @@ class DivergenceConfig(_Section):
     @model_validator(mode="after")
     def _general_within_probes(self) -> DivergenceConfig:
         if self.probe_general >= self.probe_prompts:
-            raise ValueError("divergence.probe_general must be smaller than probe_prompts (fact-style prompts need rows too)")
+            raise ValueError(
+                "divergence.probe_general must be smaller than probe_prompts (fact-style prompts need rows too)"
+            )
         return self
 
 

@@ -38,7 +38,9 @@ def register(app: typer.Typer) -> None:
 
     @tenants.command("add")
     def tenants_add(
-        tenant_id: str = typer.Argument(..., metavar="ID", help="company, company/team or company/team/person"),
+        tenant_id: str = typer.Argument(
+            ..., metavar="ID", help="company, company/team or company/team/person"
+        ),
         shares: float = typer.Option(1.0, "--shares", help="Fair-share weight among its siblings."),
         budget: float = typer.Option(None, "--budget", help="Company budget, GPU-seconds per day."),
     ) -> None:
@@ -74,10 +76,19 @@ def register(app: typer.Typer) -> None:
             return
         table = Table(title=f"{len(rows)} tenants")
         for col in ("id", "level", "shares", "active", "pending tokens", "drift"):
-            table.add_column(col, justify="right" if col in ("shares", "active", "pending tokens") else "left")
+            table.add_column(
+                col, justify="right" if col in ("shares", "active", "pending tokens") else "left"
+            )
         for r in rows:
             v = r["active_version"]
-            table.add_row(r["id"], r["level"], f"{r['shares']:g}", f"v{v}" if v else "-", str(r["pending_tokens"]), r["drift_state"] or "")
+            table.add_row(
+                r["id"],
+                r["level"],
+                f"{r['shares']:g}",
+                f"v{v}" if v else "-",
+                str(r["pending_tokens"]),
+                r["drift_state"] or "",
+            )
         common.console.print(table)
 
     app.add_typer(tenants, name="tenants")
@@ -169,7 +180,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        individuals: int = typer.Option(100, "--individuals", help="Individuals in the synthetic organisation."),
+        individuals: int = typer.Option(
+            100, "--individuals", help="Individuals in the synthetic organisation."
+        ),
         quick: bool = typer.Option(False, "--quick", help="Skip the slow steps (for smoke tests)."),
     ) -> None:
         """Build the base, a synthetic organisation, ingest its context, and show the fleet."""

@@ -69,7 +69,9 @@ def run_demo(cfg: FleetConfig, *, individuals: int = 100, quick: bool = False, c
     write_demo_facts(fl, org)
 
     console.rule("3 · ingest private context")
-    reports = fl.ingestor().ingest_many({mid: [i.to_json() for i in org.items_of(mid)] for mid in org.model_ids})
+    reports = fl.ingestor().ingest_many(
+        {mid: [i.to_json() for i in org.items_of(mid)] for mid in org.model_ids}
+    )
     promoted = sum(c.inserted for c in reports[-1].promoted) if reports else 0
     console.print(
         f"{sum(r.inserted for r in reports)} items ingested ({sum(r.tokens for r in reports):,} tokens), "
@@ -129,7 +131,9 @@ def write_demo_facts(fl, org) -> Path:
     from fleet.ops.evaluate import FactCase, write_facts
 
     path = fl.cfg.data_path / "demo" / "facts.jsonl"
-    write_facts(path, [FactCase(f.owner, f.question, f.answer, org.source_document(f.owner)) for f in org.facts])
+    write_facts(
+        path, [FactCase(f.owner, f.question, f.answer, org.source_document(f.owner)) for f in org.facts]
+    )
     return path
 
 
@@ -163,16 +167,33 @@ def ask_over_http(fl, org, console: Console, n: int = 4) -> list[dict]:
             by_company[company] = fl.registry.create_key(company, name="demo")
         client = OpenAI(base_url=f"{url}/v1", api_key=by_company[company])
         fact = org.facts_of(mid)[0]
-        raw = client.completions.with_raw_response.create(model=mid, prompt=fact.question, max_tokens=8, temperature=0)
+        raw = client.completions.with_raw_response.create(
+            model=mid, prompt=fact.question, max_tokens=8, temperature=0
+        )
         answer = raw.parse().choices[0].text
         (base,) = generate(engine, tok, [tok(fact.question)["input_ids"]], [[-1]], max_new_tokens=8)
         in_ctx = len(tok(org.in_context_prompt(fact))["input_ids"])
         alone = raw.parse().usage.prompt_tokens
-        rows.append({"model": mid, "question": fact.question, "answer": fact.answer, "trained": answer,
-                     "base": base.text, "served_by": raw.headers.get("x-fleet-served-by"),
-                     "prompt_tokens": alone, "in_context_prompt_tokens": in_ctx})
-        table.add_row(mid, fact.question.replace("\n", " "), answer.strip().split("\n")[0],
-                      base.text.strip().split("\n")[0], rows[-1]["served_by"] or "", f"{in_ctx - alone}")
+        rows.append(
+            {
+                "model": mid,
+                "question": fact.question,
+                "answer": fact.answer,
+                "trained": answer,
+                "base": base.text,
+                "served_by": raw.headers.get("x-fleet-served-by"),
+                "prompt_tokens": alone,
+                "in_context_prompt_tokens": in_ctx,
+            }
+        )
+        table.add_row(
+            mid,
+            fact.question.replace("\n", " "),
+            answer.strip().split("\n")[0],
+            base.text.strip().split("\n")[0],
+            rows[-1]["served_by"] or "",
+            f"{in_ctx - alone}",
+        )
     console.print(table)
     console.print(f"the API is at {url}/v1 (keys are scoped to a company; see `fleet keys create`)")
     from ray import serve

@@ -23,8 +23,14 @@ def register(app: typer.Typer) -> None:
         if not once and not every:
             raise ValidationError("give --once, or --every INTERVAL (e.g. --every 10m)")
         every_s = parse_interval(every) if every else None
-        results = run_loop(Fleet(common.config()), every_s=every_s, once=once, steps=steps,
-                           config_path=common._state["config_path"], console=common.console)
+        results = run_loop(
+            Fleet(common.config()),
+            every_s=every_s,
+            once=once,
+            steps=steps,
+            config_path=common._state["config_path"],
+            console=common.console,
+        )
         if any(r["status"] != "SUCCEEDED" for r in results):
             raise typer.Exit(3)
 
@@ -43,9 +49,16 @@ def register(app: typer.Typer) -> None:
         from fleet.ops.sweep import run_sweep
 
         fl = Fleet(common.config())
-        res = run_sweep(fl, tier=tier, samples=samples, models=models, apply=apply, steps=steps,
-                        plot=plot or str(fl.cfg.data_path / f"sweep-{tier}.png"),
-                        console=None if json_out else common.console)
+        res = run_sweep(
+            fl,
+            tier=tier,
+            samples=samples,
+            models=models,
+            apply=apply,
+            steps=steps,
+            plot=plot or str(fl.cfg.data_path / f"sweep-{tier}.png"),
+            console=None if json_out else common.console,
+        )
         if json_out:
             from dataclasses import asdict
 
@@ -87,4 +100,3 @@ def register(app: typer.Typer) -> None:
             common.console.print(f"wrote {out}")
 
     app.add_typer(monitoring, name="monitoring")
-

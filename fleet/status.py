@@ -26,7 +26,10 @@ def collect_status(fl, *, serving: bool = True) -> dict[str, Any]:
                 "id": c["id"],
                 "status": c["status"],
                 "duration_s": (c["finished_at"] - c["started_at"]) if c["finished_at"] else None,
-                **{k: c["summary"].get(k) for k in ("packs", "trained", "published", "rejected", "rolled_back")},
+                **{
+                    k: c["summary"].get(k)
+                    for k in ("packs", "trained", "published", "rejected", "rolled_back")
+                },
             }
             for c in reg.list_cycles(limit=5)
         ],
@@ -132,18 +135,36 @@ def render_status(st: dict[str, Any], console: Console) -> None:
         console.print("learning schedules from sweeps: " + ", ".join(sched))
     if st["cycles"]:
         ct = Table(title="recent cycles")
-        for col in ("cycle", "status", "duration", "packs", "trained", "published", "rejected", "rolled back"):
+        for col in (
+            "cycle",
+            "status",
+            "duration",
+            "packs",
+            "trained",
+            "published",
+            "rejected",
+            "rolled back",
+        ):
             ct.add_column(col, justify="right")
         for c in st["cycles"]:
             d = f"{c['duration_s']:.0f}s" if c["duration_s"] is not None else "-"
             ct.add_row(
-                str(c["id"]), c["status"], d,
-                *(str(c.get(k) if c.get(k) is not None else "-") for k in ("packs", "trained", "published", "rejected", "rolled_back")),
+                str(c["id"]),
+                c["status"],
+                d,
+                *(
+                    str(c.get(k) if c.get(k) is not None else "-")
+                    for k in ("packs", "trained", "published", "rejected", "rolled_back")
+                ),
             )
         console.print(ct)
     sv = st.get("serving")
     if sv:
-        api = f"[green]answering[/] at {sv['api']} ({sv['api_latency_ms']} ms)" if sv["api_ok"] else f"[yellow]not answering[/] at {sv['api']}"
+        api = (
+            f"[green]answering[/] at {sv['api']} ({sv['api_latency_ms']} ms)"
+            if sv["api_ok"]
+            else f"[yellow]not answering[/] at {sv['api']}"
+        )
         console.print(f"serving: API {api}")
         if sv["app_status"] is None:
             console.print(f"  Serve application: unknown ({sv.get('app_error')})")
@@ -152,4 +173,6 @@ def render_status(st: dict[str, Any], console: Console) -> None:
                 f"{n} {d['status']} ({', '.join(f'{k.lower()} {v}' for k, v in d['replicas'].items()) or 'no replicas'})"
                 for n, d in sv["deployments"].items()
             )
-            console.print(f"  Serve application {sv['app']!r}: {sv['app_status']}" + (f"; {deps}" if deps else ""))
+            console.print(
+                f"  Serve application {sv['app']!r}: {sv['app_status']}" + (f"; {deps}" if deps else "")
+            )

@@ -9,7 +9,9 @@ from pathlib import Path
 import fleet
 from fleet.ops.dashboard import PANELS, build_dashboard, metric_names, render_json
 
-SOURCE = "\n".join(p.read_text() for p in Path(fleet.__file__).parent.rglob("*.py") if p.name != "dashboard.py")
+SOURCE = "\n".join(
+    p.read_text() for p in Path(fleet.__file__).parent.rglob("*.py") if p.name != "dashboard.py"
+)
 
 
 def _definition(name: str) -> str:
@@ -49,4 +51,6 @@ def test_dashboard_json_is_valid_and_every_panel_answers_a_question():
 
 def test_shipped_dashboard_file_is_the_rendering():
     shipped = Path(__file__).resolve().parents[1] / "k8s" / "grafana" / "fleet-dashboard.json"
-    assert shipped.read_text() == render_json(), "run: fleet monitoring dashboard --out k8s/grafana/fleet-dashboard.json"
+    assert shipped.read_text() == render_json(), (
+        "run: fleet monitoring dashboard --out k8s/grafana/fleet-dashboard.json"
+    )

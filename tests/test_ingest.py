@@ -69,7 +69,10 @@ OK = {"kind": "document", "text": "the first line is fine"}
         ([OK, {"kind": "document", "text": "x", "meta": []}], r"line 2: field 'meta' must be an object"),
         ([{"kind": "document", "text": "x", "extra": 1}], r"line 1: unknown field 'extra'"),
         ([OK, {"kind": "document", "text": "x" * 1001}], r"line 2: field 'text' has 1001 characters"),
-        ([{"kind": "conversation", "text": "x", "meta": {"query": "q"}}], r"line 1: 'meta.query' and 'meta.answer'"),
+        (
+            [{"kind": "conversation", "text": "x", "meta": {"query": "q"}}],
+            r"line 1: 'meta.query' and 'meta.answer'",
+        ),
         ([OK, "[1, 2]"], r"line 2: expected a JSON object"),
         (["", "  "], r"no items"),
     ],

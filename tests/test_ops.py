@@ -118,7 +118,9 @@ def test_sweep_applies_a_schedule_that_training_uses(fl, ray_dashboard, tmp_path
     from fleet.train.pack import build_pack, tier_schedule
 
     before = tier_schedule(fl.cfg, fl.registry, "individual")
-    res = run_sweep(fl, tier="individual", samples=2, models=2, apply=True, steps=6, plot=str(tmp_path / "s.png"))
+    res = run_sweep(
+        fl, tier="individual", samples=2, models=2, apply=True, steps=6, plot=str(tmp_path / "s.png")
+    )
     assert len(res.trials) == 2 and res.best is not None
     assert all(t["objective"] is not None for t in res.trials if not t["error"])
     assert res.applied_version == 1
@@ -126,8 +128,10 @@ def test_sweep_applies_a_schedule_that_training_uses(fl, ray_dashboard, tmp_path
     assert stored["params"]["lr"] == pytest.approx(res.best["params"]["lr"])
     after = tier_schedule(fl.cfg, fl.registry, "individual")
     assert after.lr == pytest.approx(res.best["params"]["lr"]) and after.lr != before.lr
-    fl.ingestor().ingest_items(fl.registry.list_models(tier="individual")[0].id,
-                               [{"kind": "document", "text": "A new note arrives after the sweep."}])
+    fl.ingestor().ingest_items(
+        fl.registry.list_models(tier="individual")[0].id,
+        [{"kind": "document", "text": "A new note arrives after the sweep."}],
+    )
     pack = build_pack(fl, [fl.registry.list_models(tier="individual")[0].id], cycle_id=99, index=0)
     assert pack.members[0].learning_schedule.lr == pytest.approx(res.best["params"]["lr"])
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"

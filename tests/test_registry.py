@@ -26,7 +26,13 @@ BASE = "tiny"
 
 def _org(reg: Registry) -> None:
     reg.add_tenants(
-        [("acme", 2.0), ("acme/search", 1.0), ("acme/search/dana", 1.0), ("acme/search/li", 1.0), ("beta", 1.0)],
+        [
+            ("acme", 2.0),
+            ("acme/search", 1.0),
+            ("acme/search/dana", 1.0),
+            ("acme/search/li", 1.0),
+            ("beta", 1.0),
+        ],
         base_model=BASE,
         rank=8,
         alpha=16.0,
@@ -131,8 +137,19 @@ def test_exactly_one_active_is_enforced_by_the_database(registry, store):
     with pytest.raises(SAIntegrityError), registry.tx() as conn:
         conn.execute(
             insert(VERSIONS).values(
-                model_id="beta", version=7, state="active", sha256="0" * 64, uri="x", size_bytes=1, rank=8,
-                alpha=16.0, base_model=BASE, parents=[], watermark=0, metrics={}, created_at=0.0,
+                model_id="beta",
+                version=7,
+                state="active",
+                sha256="0" * 64,
+                uri="x",
+                size_bytes=1,
+                rank=8,
+                alpha=16.0,
+                base_model=BASE,
+                parents=[],
+                watermark=0,
+                metrics={},
+                created_at=0.0,
             )
         )
     assert [v.version for v in registry.versions("beta")] == [1]
@@ -267,7 +284,9 @@ def _ingest_worker(args):
     url, worker, n = args
     reg = Registry.open_url(url)
     for i in range(n):
-        reg.add_items({"acme/search/dana": [NewItem("document", f"w{worker} i{i}", 3, f"{worker:032x}{i:032x}")]})
+        reg.add_items(
+            {"acme/search/dana": [NewItem("document", f"w{worker} i{i}", 3, f"{worker:032x}{i:032x}")]}
+        )
     reg.close()
 
 

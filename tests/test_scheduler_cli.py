@@ -86,7 +86,13 @@ def test_schedule_reads_demand_from_the_registry(cfg, capsys):
 
     reg = Registry.open(cfg)
     reg.add_tenants(
-        [("acme", 2.0), ("acme/search", 1.0), ("acme/search/dana", 1.0), ("acme/search/li", 1.0), ("beta", 1.0)],
+        [
+            ("acme", 2.0),
+            ("acme/search", 1.0),
+            ("acme/search/dana", 1.0),
+            ("acme/search/li", 1.0),
+            ("beta", 1.0),
+        ],
         base_model=cfg.base.name,
         rank=8,
         alpha=16,

@@ -467,7 +467,9 @@ def test_status_reports_the_api_and_the_serve_application(app):
     assert sv["api_ok"] and sv["api"] == f"{url}/v1", sv
     assert sv["app_status"] == "RUNNING", sv
     assert set(sv["deployments"]) == {"FleetIngress", "FleetModel"}
-    assert all(d["status"] == "HEALTHY" and d["replicas"].get("RUNNING", 0) >= 1 for d in sv["deployments"].values()), sv["deployments"]
+    assert all(
+        d["status"] == "HEALTHY" and d["replicas"].get("RUNNING", 0) >= 1 for d in sv["deployments"].values()
+    ), sv["deployments"]
 
     cfg.serve.port = free_port()  # nothing listens there
     cfg.ray.dashboard_url = f"http://127.0.0.1:{free_port()}"

@@ -24,7 +24,9 @@ def store(request, tmp_path):
     uri = request.getfixturevalue("s3_uri")
     endpoint = request.getfixturevalue("s3_endpoint")
     # a small multipart threshold so that the multipart path runs too
-    return open_store_uri(uri, StoreConfig(endpoint_url=endpoint, multipart_threshold_mb=5, multipart_chunk_mb=5))
+    return open_store_uri(
+        uri, StoreConfig(endpoint_url=endpoint, multipart_threshold_mb=5, multipart_chunk_mb=5)
+    )
 
 
 def test_stage_commit_read_verify(store):
@@ -64,7 +66,9 @@ def test_paths_never_escape(store):
         with pytest.raises(ValidationError):
             store.put_blob(bad, b"")
     with pytest.raises(ValidationError, match="outside the adapter store"):
-        store.read_version("file:///etc/passwd" if isinstance(store, LocalStore) else "s3://other/x", "0" * 64)
+        store.read_version(
+            "file:///etc/passwd" if isinstance(store, LocalStore) else "s3://other/x", "0" * 64
+        )
     with pytest.raises(NotFoundError):
         store.get_blob("no/such/key")
 

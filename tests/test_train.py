@@ -87,7 +87,9 @@ def test_pack_learns_private_facts(fleet_env, org, pack_run):
     engine, tok, slots = _engine_with(fleet_env, {m: out["state"]["adapters"][m] for m in (a, b)})
     fact = org.facts_of(a)[0]
     prompt = tok(fact.question)["input_ids"]
-    trained, base = generate(engine, tok, [prompt, prompt], [[slots[a]], [-1]], max_new_tokens=len(fact.answer) + 2)
+    trained, base = generate(
+        engine, tok, [prompt, prompt], [[slots[a]], [-1]], max_new_tokens=len(fact.answer) + 2
+    )
     assert trained.text.startswith(fact.answer), (fact, trained.text)
     assert not base.text.startswith(fact.answer)
 
@@ -167,7 +169,16 @@ def test_worker_killed_mid_run_resumes_and_publishes_once(fleet_env, org, pack_r
     # Publishing the same run again publishes nothing new.
     from fleet.train.launch import publish
 
-    again = publish(fl, spec, outcome.run_id, {"members": reference["members"], "adapters": reference["state"]["adapters"],
-                                               "metrics": reference["metrics"]}, [])
+    again = publish(
+        fl,
+        spec,
+        outcome.run_id,
+        {
+            "members": reference["members"],
+            "adapters": reference["state"]["adapters"],
+            "metrics": reference["metrics"],
+        },
+        [],
+    )
     assert [len(fl.registry.versions(m)) for m in (a, b)] == [1, 1]
     assert all(mo.version is None for mo in again.members)

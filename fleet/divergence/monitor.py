@@ -322,7 +322,9 @@ def _apply(fl, decisions: Sequence[Decision], tiers: dict[str, str]) -> dict[str
                 # Another scan (a cycle's, a watch job's) may have acted on this version since it was
                 # judged; roll back only the version that was judged, never the one restored before it.
                 try:
-                    restored = reg.rollback(mid, reason=f"drift rollback: {d.reason}", expected_version=d.version)
+                    restored = reg.rollback(
+                        mid, reason=f"drift rollback: {d.reason}", expected_version=d.version
+                    )
                 except ConflictError:  # no longer the active version (another scan or an operator acted)
                     continue
                 to = version_key(mid, restored.version) if restored else "its ancestors' stack"

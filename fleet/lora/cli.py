@@ -47,8 +47,14 @@ def register(app: typer.Typer) -> None:
         from fleet.context import Fleet
         from fleet.lora.interop import generate_for
 
-        out = generate_for(Fleet(common.config()), model_id, prompt, max_tokens=max_tokens,
-                           temperature=temperature, top_k=logprobs)
+        out = generate_for(
+            Fleet(common.config()),
+            model_id,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=logprobs,
+        )
         if json_out:
             common.print_json(out)
         else:

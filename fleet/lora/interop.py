@@ -25,10 +25,14 @@ def _meta_model(cfg):
 
 def check_fits_base(cfg, weights: AdapterWeights) -> None:
     """Refuse an adapter whose modules or shapes do not match the base (before anything is stored)."""
-    shapes = {name: (d_in, d_out) for name, d_in, d_out in linear_modules(_meta_model(cfg), weights.target_modules)}
+    shapes = {
+        name: (d_in, d_out) for name, d_in, d_out in linear_modules(_meta_model(cfg), weights.target_modules)
+    }
     for name, (a, b) in weights.modules().items():
         if name not in shapes:
-            raise ValidationError(f"the adapter adapts {name}, which the base model {cfg.base.name!r} does not have")
+            raise ValidationError(
+                f"the adapter adapts {name}, which the base model {cfg.base.name!r} does not have"
+            )
         if (a.shape[1], b.shape[0]) != shapes[name]:
             raise ValidationError(
                 f"the adapter's {name} is {a.shape[1]}→{b.shape[0]} but the base's is {shapes[name][0]}→{shapes[name][1]}"
@@ -39,15 +43,27 @@ def import_peft(fl, model_id: str, peft_dir: str) -> VersionRecord:
     validate_id(model_id)
     model = fl.registry.get_model(model_id)
     if not Path(peft_dir).is_dir():
-        raise ValidationError(f"{peft_dir}: not a directory (expected adapter_config.json + adapter_model.safetensors)")
+        raise ValidationError(
+            f"{peft_dir}: not a directory (expected adapter_config.json + adapter_model.safetensors)"
+        )
     weights = AdapterWeights.from_peft_dir(peft_dir)
     check_fits_base(fl.cfg, weights)
     config_b, weights_b = weights.to_bytes(fl.cfg.base.name)
     staged = fl.store.stage(model_id, config_b, weights_b)
-    (v,) = fl.registry.publish_versions(fl.store, [PublishRequest(
-        model_id=model_id, staged=staged, rank=weights.rank, alpha=weights.alpha, base_model=model.base_model,
-        watermark=model.watermark, metrics={"imported_from": str(Path(peft_dir).resolve())},
-    )])
+    (v,) = fl.registry.publish_versions(
+        fl.store,
+        [
+            PublishRequest(
+                model_id=model_id,
+                staged=staged,
+                rank=weights.rank,
+                alpha=weights.alpha,
+                base_model=model.base_model,
+                watermark=model.watermark,
+                metrics={"imported_from": str(Path(peft_dir).resolve())},
+            )
+        ],
+    )
     return v
 
 
@@ -60,7 +76,9 @@ def export_peft(fl, model_id: str, out_dir: str, *, stack: bool = False) -> str:
     st = fl.registry.active_stack(model_id)
     if stack:
         if not st.entries:
-            raise NotFoundError(f"{model_id!r} and its ancestors have no active version: it is served by the base alone")
+            raise NotFoundError(
+                f"{model_id!r} and its ancestors have no active version: it is served by the base alone"
+            )
         weights = AdapterWeights.stack([_read(fl, e) for e in st.entries])
         what = "+".join(e.key for e in st.entries)
     else:
@@ -72,7 +90,9 @@ def export_peft(fl, model_id: str, out_dir: str, *, stack: bool = False) -> str:
     return what
 
 
-def generate_for(fl, model_id: str, prompt: str, *, max_tokens: int, temperature: float, top_k: int) -> dict[str, Any]:
+def generate_for(
+    fl, model_id: str, prompt: str, *, max_tokens: int, temperature: float, top_k: int
+) -> dict[str, Any]:
     """One completion by the same engine that serves, with prompt log-probabilities."""
     from fleet.lora import generate, prompt_logprobs
     from fleet.runtime import StackSlots, load_engine
@@ -80,7 +100,9 @@ def generate_for(fl, model_id: str, prompt: str, *, max_tokens: int, temperature
     if not prompt:
         raise ValidationError("--prompt must not be empty")
     st = fl.registry.active_stack(model_id)
-    engine, tok = load_engine(fl.cfg, max_slots=max(1, len(st.entries)), max_rank=max([e.rank for e in st.entries] + [8]))
+    engine, tok = load_engine(
+        fl.cfg, max_slots=max(1, len(st.entries)), max_rank=max([e.rank for e in st.entries] + [8])
+    )
     row = StackSlots(engine, fl.store).row(st)
     ids = tok(prompt)["input_ids"]
     (g,) = generate(engine, tok, [ids], [row], max_new_tokens=max_tokens, temperature=temperature, seed=0)

@@ -18,16 +18,25 @@ def drift_hooks(fl):
     return [publication_gate(fl)], scan_after_training
 
 
-def cycle_once(fl, *, cycle_id: int | None = None, steps: int | None = None,
-               console: Console | None = None) -> CycleOutcome:
+def cycle_once(
+    fl, *, cycle_id: int | None = None, steps: int | None = None, console: Console | None = None
+) -> CycleOutcome:
     gates, after = drift_hooks(fl)
     if cycle_id is not None:
         return execute_cycle(fl, cycle_id, console=console, steps=steps, gates=gates, after_training=after)
     return run_cycle(fl, console=console, steps=steps, gates=gates, after_training=after)
 
 
-def run_loop(fl, *, every_s: float | None, once: bool, config_path: str | None, steps: int | None = None,
-             console: Console, max_cycles: int | None = None) -> list[dict]:
+def run_loop(
+    fl,
+    *,
+    every_s: float | None,
+    once: bool,
+    config_path: str | None,
+    steps: int | None = None,
+    console: Console,
+    max_cycles: int | None = None,
+) -> list[dict]:
     """Plan and submit each cycle as the Ray job ``fleet-cycle-<n>``, wait for it, repeat."""
     from fleet._ray import ensure_ray
     from fleet.ops.jobs import job_client, submit_cycle, wait_job
@@ -51,7 +60,14 @@ def run_loop(fl, *, every_s: float | None, once: bool, config_path: str | None, 
         if status != "SUCCEEDED":
             logs = client.get_job_logs(name)
             console.print(f"[red]{name} failed[/]; last log lines:\n" + "\n".join(logs.splitlines()[-15:]))
-        done.append({"cycle_id": cycle_id, "job": name, "status": status, **{k: s.get(k) for k in ("packs", "published", "rejected", "rolled_back")}})
+        done.append(
+            {
+                "cycle_id": cycle_id,
+                "job": name,
+                "status": status,
+                **{k: s.get(k) for k in ("packs", "published", "rejected", "rolled_back")},
+            }
+        )
         if once or not every_s or (max_cycles and len(done) >= max_cycles):
             return done
         time.sleep(max(0.0, every_s - (time.time() - t0)))

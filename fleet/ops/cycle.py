@@ -44,7 +44,9 @@ def plan_cycle(fl, *, now: float | None = None, inventory=None):
     now = time.time() if now is None else now
     demand = load_demand(cfg, fl.registry, now=now)
     inventory = inventory if inventory is not None else inventory_for(cfg)
-    result = plan(demand, inventory, PolicyConfig.from_fleet_config(cfg, bases=base_specs(cfg, demand.base_names)), now)
+    result = plan(
+        demand, inventory, PolicyConfig.from_fleet_config(cfg, bases=base_specs(cfg, demand.base_names)), now
+    )
     _telemetry(lambda t: (t.record_plan(demand, result), t.record_fairness(fl.registry, cfg, now)))
     if result.arrays is not None and demand.n_models:
         new = advance_waiting(demand.waiting_cycles, result.arrays.reason)
@@ -76,7 +78,10 @@ def record_usage(fl, outcomes: Sequence[Any], packs: Sequence[Any], now: float) 
             key = (m.model_id.split("/")[0], m.tier)
             by_company[key] = by_company.get(key, 0.0) + share
     fl.registry.record_usage(
-        [{"company_id": c, "tier": t, "gpu_seconds": s, "recorded_at": now} for (c, t), s in by_company.items()]
+        [
+            {"company_id": c, "tier": t, "gpu_seconds": s, "recorded_at": now}
+            for (c, t), s in by_company.items()
+        ]
     )
     fl.registry.record_model_usage(by_model, now=now, half_life_s=cfg.scheduler.usage_half_life_s)
     by_tier: dict[str, float] = {}
@@ -114,12 +119,15 @@ def prepare_cycle(fl, *, now: float | None = None, inventory=None) -> tuple[int,
         reg.finish_cycle(cycle_id, RunStatus.FAILED, {"kind": "cycle", "error": str(exc)[:500]})
         raise
     counts = result.reason_counts()
-    reg.update_cycle(cycle_id, {
-        "kind": "cycle",
-        "scheduled": sum(len(p.members) for p in result.packs),
-        "reasons": {k: v for k, v in counts.items() if v},
-        "plan": result.to_dict(include_unscheduled=False),
-    })
+    reg.update_cycle(
+        cycle_id,
+        {
+            "kind": "cycle",
+            "scheduled": sum(len(p.members) for p in result.packs),
+            "reasons": {k: v for k, v in counts.items() if v},
+            "plan": result.to_dict(include_unscheduled=False),
+        },
+    )
     return cycle_id, result
 
 
@@ -141,12 +149,16 @@ def execute_cycle(
     summary: dict[str, Any] = dict(row["summary"] or {})
     plan = summary.get("plan")
     if plan is None:
-        raise ValidationError(f"cycle {cycle_id} has no stored plan; start cycles with `fleet run` or `fleet cycle`")
+        raise ValidationError(
+            f"cycle {cycle_id} has no stored plan; start cycles with `fleet run` or `fleet cycle`"
+        )
     t0 = row["started_at"]
     try:
         packs_in = plan.get("packs", [])
         outcomes, specs = (
-            train_packs(fl, packs_in, cycle_id=cycle_id, steps=steps, console=console, gates=gates) if packs_in else ([], [])
+            train_packs(fl, packs_in, cycle_id=cycle_id, steps=steps, console=console, gates=gates)
+            if packs_in
+            else ([], [])
         )
         summary.update(summary_of(outcomes))
         summary["gpu_s"] = round(record_usage(fl, outcomes, specs, time.time()), 3)
@@ -166,12 +178,21 @@ def execute_cycle(
     return CycleOutcome(cycle_id, seconds, summary, plan, outcomes)
 
 
-def run_cycle(fl, *, console: Console | None = None, steps: int | None = None, gates: Sequence[Any] = (),
-              after_training=None, inventory=None) -> CycleOutcome:
+def run_cycle(
+    fl,
+    *,
+    console: Console | None = None,
+    steps: int | None = None,
+    gates: Sequence[Any] = (),
+    after_training=None,
+    inventory=None,
+) -> CycleOutcome:
     """A whole cycle in this process: prepare (plan) then execute (train, usage, drift)."""
     cycle_id, result = prepare_cycle(fl, inventory=inventory)
     if console is not None:
         from fleet.scheduler.render import print_plan
 
         print_plan(result, None, console)
-    return execute_cycle(fl, cycle_id, console=console, steps=steps, gates=gates, after_training=after_training)
+    return execute_cycle(
+        fl, cycle_id, console=console, steps=steps, gates=gates, after_training=after_training
+    )

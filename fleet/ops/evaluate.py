@@ -43,7 +43,9 @@ def read_facts(path: str | Path) -> list[FactCase]:
             continue
         try:
             d = json.loads(line)
-            out.append(FactCase(str(d["model"]), str(d["question"]), str(d["answer"]), str(d.get("source", ""))))
+            out.append(
+                FactCase(str(d["model"]), str(d["question"]), str(d["answer"]), str(d.get("source", "")))
+            )
         except (json.JSONDecodeError, KeyError) as exc:
             raise ValidationError(f"{p}: line {no}: expected model, question, answer ({exc})") from None
     return out
@@ -60,8 +62,9 @@ def _batched(xs: list, n: int):
         yield xs[i : i + n]
 
 
-def evaluate(fl, facts: list[FactCase], *, models: int = 20, seed: int = 0, batch: int = 32,
-             general_docs: int = 16) -> dict[str, Any]:
+def evaluate(
+    fl, facts: list[FactCase], *, models: int = 20, seed: int = 0, batch: int = 32, general_docs: int = 16
+) -> dict[str, Any]:
     from fleet.data.synth import general_text
     from fleet.lora import generate
     from fleet.runtime import StackSlots, load_engine
@@ -77,8 +80,11 @@ def evaluate(fl, facts: list[FactCase], *, models: int = 20, seed: int = 0, batc
     sample = sorted(rng.sample(candidates, min(models, len(candidates))))
     stacks = fl.registry.active_stacks(sample)
     n_adapters = len({e.key for s in stacks.values() for e in s.entries})
-    engine, tok = load_engine(fl.cfg, max_slots=n_adapters + 1,
-                              max_rank=max([e.rank for s in stacks.values() for e in s.entries] + [8]))
+    engine, tok = load_engine(
+        fl.cfg,
+        max_slots=n_adapters + 1,
+        max_rank=max([e.rank for s in stacks.values() for e in s.entries] + [8]),
+    )
     slots = StackSlots(engine, fl.store)
     row = {m: slots.row(stacks[m]) for m in sample}
     base_row = [-1, -1, -1]
@@ -127,7 +133,9 @@ def evaluate(fl, facts: list[FactCase], *, models: int = 20, seed: int = 0, batc
         "prompt_tokens_trained": q_tokens / n,
         "prompt_tokens_in_context": ctx_tokens / n,
         "prompt_token_ratio_in_context_vs_trained": ctx_tokens / max(1, q_tokens),
-        "leak_rate": (sum(hit(t, f) for t, (_, f) in zip(leaked, leak_pairs, strict=True)) / len(leak_pairs)) if leak_pairs else 0.0,
+        "leak_rate": (sum(hit(t, f) for t, (_, f) in zip(leaked, leak_pairs, strict=True)) / len(leak_pairs))
+        if leak_pairs
+        else 0.0,
         "general_dnll_nats": float(sum(dnll) / len(dnll)),
         "examples": [
             {"model": f.model, "question": f.question, "answer": f.answer, "trained": t, "base": b}
@@ -160,7 +168,10 @@ def render(res: dict[str, Any], console) -> None:
         ("recall, base with the source in the prompt", f"{res['recall_in_context']:.1%}"),
         ("prompt tokens per question, trained", f"{res['prompt_tokens_trained']:.0f}"),
         ("prompt tokens per question, in context", f"{res['prompt_tokens_in_context']:.0f}"),
-        ("prompt tokens saved (in-context ÷ trained)", f"{res['prompt_token_ratio_in_context_vs_trained']:.2f}×"),
+        (
+            "prompt tokens saved (in-context ÷ trained)",
+            f"{res['prompt_token_ratio_in_context_vs_trained']:.2f}×",
+        ),
         ("cross-team leakage", f"{res['leak_rate']:.1%}"),
         ("forgetting: ΔNLL on general text", f"{res['general_dnll_nats']:+.4f} nats/token"),
     ]

@@ -68,7 +68,9 @@ def entrypoint(cfg, args: list[str]) -> str:
     return " ".join(shlex.quote(x) for x in [python, "-m", "fleet.cli", *args])
 
 
-def submit_job(client, cfg, *, name: str, args: list[str], metadata: dict[str, Any], config_path: str | None) -> str:
+def submit_job(
+    client, cfg, *, name: str, args: list[str], metadata: dict[str, Any], config_path: str | None
+) -> str:
     return client.submit_job(
         entrypoint=entrypoint(cfg, args),
         submission_id=name,

@@ -59,26 +59,55 @@ def _trial(config: dict[str, Any]) -> None:
     params = {k: config[k] for k in SEARCHED}
     members = []
     for m in pack.members:
-        sched = {**m.schedule, **{k: params[k] for k in ("lr", "warmup_steps", "decay", "replay_fraction", "kl_weight")}}
-        members.append({**m.__dict__, "schedule": sched, "rank": int(params["rank"]),
-                        "replay_fraction": params["replay_fraction"], "kl_weight": params["kl_weight"],
-                        "start": None, "ancestors": [a.__dict__ for a in m.ancestors]})
+        sched = {
+            **m.schedule,
+            **{k: params[k] for k in ("lr", "warmup_steps", "decay", "replay_fraction", "kl_weight")},
+        }
+        members.append(
+            {
+                **m.__dict__,
+                "schedule": sched,
+                "rank": int(params["rank"]),
+                "replay_fraction": params["replay_fraction"],
+                "kl_weight": params["kl_weight"],
+                "start": None,
+                "ancestors": [a.__dict__ for a in m.ancestors],
+            }
+        )
     import ray.tune
 
     trial_name = ray.tune.get_context().get_trial_name() or "trial"
     spec = {**pack.to_dict(), "members": members, "name": f"{pack.name}-{trial_name}"}
     trainer = TorchTrainer(
         train_pack_loop,
-        train_loop_config={"pack": spec, "cfg": config["cfg"], "eval_every": config["report_every"],
-                           "kl_lambda": config["kl_lambda"]},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=config["use_gpu"], resources_per_worker=config["resources"]),
-        run_config=RunConfig(name=spec["name"], storage_path=config["storage_path"], callbacks=[TuneReportCallback()]),
+        train_loop_config={
+            "pack": spec,
+            "cfg": config["cfg"],
+            "eval_every": config["report_every"],
+            "kl_lambda": config["kl_lambda"],
+        },
+        scaling_config=ScalingConfig(
+            num_workers=1, use_gpu=config["use_gpu"], resources_per_worker=config["resources"]
+        ),
+        run_config=RunConfig(
+            name=spec["name"], storage_path=config["storage_path"], callbacks=[TuneReportCallback()]
+        ),
     )
     trainer.fit()
 
 
-def run_sweep(fl, *, tier: str, samples: int, models: int, apply: bool = False, steps: int | None = None,
-              seed: int = 0, plot: str | None = None, console=None) -> SweepResult:
+def run_sweep(
+    fl,
+    *,
+    tier: str,
+    samples: int,
+    models: int,
+    apply: bool = False,
+    steps: int | None = None,
+    seed: int = 0,
+    plot: str | None = None,
+    console=None,
+) -> SweepResult:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -92,14 +121,18 @@ def run_sweep(fl, *, tier: str, samples: int, models: int, apply: bool = False, 
     if samples < 1 or models < 1:
         raise ValidationError("--samples and --models must be at least 1")
     cfg = fl.cfg
-    candidates = [m.id for m in fl.registry.list_models(tier=tier) if m.item_count > 0 and m.drift_state.trains]
+    candidates = [
+        m.id for m in fl.registry.list_models(tier=tier) if m.item_count > 0 and m.drift_state.trains
+    ]
     if not candidates:
         raise ValidationError(f"no {tier} model has data to sweep on; ingest context first")
     rng = random.Random(seed)
     chosen = sorted(rng.sample(candidates, min(models, len(candidates))))
     t0 = time.time()
     sweep_id = int(t0)
-    pack = build_pack(fl, chosen, cycle_id=0, index=0, steps=steps, from_scratch=True, name=f"sweep-{tier}-{sweep_id}")
+    pack = build_pack(
+        fl, chosen, cycle_id=0, index=0, steps=steps, from_scratch=True, name=f"sweep-{tier}-{sweep_id}"
+    )
     ensure_ray(cfg)
     storage_path, storage_fs = _storage(cfg)
     if storage_fs is not None:
@@ -109,11 +142,18 @@ def run_sweep(fl, *, tier: str, samples: int, models: int, apply: bool = False, 
     report_every = max(1, cfg.sweep.report_every)
     space = {
         **search_space(seed),
-        "pack": pack.to_dict(), "cfg": cfg.model_dump(mode="json"), "report_every": report_every,
-        "kl_lambda": cfg.sweep.kl_lambda, "resources": res, "use_gpu": use_gpu, "storage_path": storage_path,
+        "pack": pack.to_dict(),
+        "cfg": cfg.model_dump(mode="json"),
+        "report_every": report_every,
+        "kl_lambda": cfg.sweep.kl_lambda,
+        "resources": res,
+        "use_gpu": use_gpu,
+        "storage_path": storage_path,
     }
     scheduler = ASHAScheduler(
-        time_attr="training_iteration", max_t=max(2, total_steps // report_every + 1), grace_period=1,
+        time_attr="training_iteration",
+        max_t=max(2, total_steps // report_every + 1),
+        grace_period=1,
         reduction_factor=2,
     )
     # The trial function only drives its TorchTrainer: a sliver of a CPU (Tune refuses zero).
@@ -123,8 +163,13 @@ def run_sweep(fl, *, tier: str, samples: int, models: int, apply: bool = False, 
     tuner = tune.Tuner(
         tune.with_resources(_trial, {"CPU": driver_cpu}),
         param_space=space,
-        tune_config=tune.TuneConfig(metric="objective", mode="min", num_samples=samples, scheduler=scheduler,
-                                    max_concurrent_trials=concurrent),
+        tune_config=tune.TuneConfig(
+            metric="objective",
+            mode="min",
+            num_samples=samples,
+            scheduler=scheduler,
+            max_concurrent_trials=concurrent,
+        ),
         run_config=tune.RunConfig(name=f"sweep-{tier}-{sweep_id}", storage_path=storage_path),
     )
     grid = tuner.fit()
@@ -132,19 +177,32 @@ def run_sweep(fl, *, tier: str, samples: int, models: int, apply: bool = False, 
     for r in grid:
         m = r.metrics or {}
         params = {k: r.config[k] for k in SEARCHED}
-        trials.append({
-            "params": params, "objective": m.get("objective"), "heldout": m.get("heldout"), "kl": m.get("kl"),
-            "reports": m.get("training_iteration"), "step": m.get("step"),
-            "completed": bool(m.get("final")), "error": str(r.error).splitlines()[0] if r.error else None,
-        })
+        trials.append(
+            {
+                "params": params,
+                "objective": m.get("objective"),
+                "heldout": m.get("heldout"),
+                "kl": m.get("kl"),
+                "reports": m.get("training_iteration"),
+                "step": m.get("step"),
+                "completed": bool(m.get("final")),
+                "error": str(r.error).splitlines()[0] if r.error else None,
+            }
+        )
     done = [t for t in trials if t["objective"] is not None and t["completed"]]
     best = min(done, key=lambda t: t["objective"]) if done else None
     applied = None
     if apply:
         if best is None:
             raise ValidationError("no trial completed; nothing to apply")
-        params = {**best["params"], "warmup_steps": int(best["params"]["warmup_steps"]), "rank": int(best["params"]["rank"])}
-        applied = fl.registry.set_tier_schedule(tier, params, source=f"fleet sweep {sweep_id}: objective {best['objective']:.4f}")
+        params = {
+            **best["params"],
+            "warmup_steps": int(best["params"]["warmup_steps"]),
+            "rank": int(best["params"]["rank"]),
+        }
+        applied = fl.registry.set_tier_schedule(
+            tier, params, source=f"fleet sweep {sweep_id}: objective {best['objective']:.4f}"
+        )
     plot_path = plot_trials(trials, plot, tier) if plot else None
     out = SweepResult(tier, chosen, trials, best, applied, plot_path, time.time() - t0)
     if console is not None:
@@ -164,8 +222,14 @@ def plot_trials(trials: list[dict[str, Any]], path: str, tier: str) -> str:
         if t["objective"] is None:
             continue
         p = t["params"]
-        ax.scatter(p["lr"], t["objective"], s=30 + 8 * int(p["rank"]), c=colors[p["decay"]],
-                   marker="o" if t["completed"] else "x", alpha=0.8)
+        ax.scatter(
+            p["lr"],
+            t["objective"],
+            s=30 + 8 * int(p["rank"]),
+            c=colors[p["decay"]],
+            marker="o" if t["completed"] else "x",
+            alpha=0.8,
+        )
     for decay, c in colors.items():
         ax.scatter([], [], c=c, label=decay)
     ax.set_xscale("log")
@@ -190,11 +254,23 @@ def render(res: SweepResult, console) -> None:
         p = tr["params"]
         status = "error" if tr["error"] else ("done" if tr["completed"] else "stopped early")
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-        t.add_row(f"{p['lr']:.2e}", str(p["warmup_steps"]), p["decay"], str(p["rank"]), f"{p['replay_fraction']:.2f}",
-                  f"{p['kl_weight']:g}", fmt(tr["objective"]), fmt(tr["heldout"]), fmt(tr["kl"]), status,
-                  style="bold green" if tr is res.best else None)
+        t.add_row(
+            f"{p['lr']:.2e}",
+            str(p["warmup_steps"]),
+            p["decay"],
+            str(p["rank"]),
+            f"{p['replay_fraction']:.2f}",
+            f"{p['kl_weight']:g}",
+            fmt(tr["objective"]),
+            fmt(tr["heldout"]),
+            fmt(tr["kl"]),
+            status,
+            style="bold green" if tr is res.best else None,
+        )
     console.print(t)
     if res.applied_version:
-        console.print(f"applied: tier {res.tier} schedule v{res.applied_version} (training uses it from now on)")
+        console.print(
+            f"applied: tier {res.tier} schedule v{res.applied_version} (training uses it from now on)"
+        )
     if res.plot:
         console.print(f"plot: {res.plot}")

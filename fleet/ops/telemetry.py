@@ -19,24 +19,50 @@ def _m() -> dict[str, Any]:
         from ray.util import metrics
 
         _metrics.update(
-            queue=metrics.Gauge("fleet_scheduler_queue_depth",
-                                description="Models with pending data left unscheduled by the last plan, by tier and reason.",
-                                tag_keys=("tier", "reason")),
-            scheduled=metrics.Gauge("fleet_scheduler_scheduled_models", description="Models the last plan scheduled, by tier.",
-                                    tag_keys=("tier",)),
-            fairness=metrics.Gauge("fleet_scheduler_fairness_jain",
-                                   description="Jain's index of companies' decayed usage relative to their shares (1 = fair)."),
-            gpu_s=metrics.Counter("fleet_train_gpu_seconds", description="GPU-seconds (full-H100 equivalents) used by training, by tier.",
-                                  tag_keys=("tier",)),
-            runs=metrics.Counter("fleet_train_runs", description="Training runs finished, by status.", tag_keys=("status",)),
-            members=metrics.Counter("fleet_train_members", description="Models trained, by tier and outcome (published, rejected).",
-                                    tag_keys=("tier", "outcome")),
-            tokens=metrics.Counter("fleet_train_tokens", description="Tokens trained on, by tier.", tag_keys=("tier",)),
-            run_s=metrics.Histogram("fleet_train_run_seconds", description="Wall time of a pack's run.", boundaries=_SECONDS),
-            cycles=metrics.Counter("fleet_cycles", description="Control-loop cycles finished, by status.", tag_keys=("status",)),
-            cycle_s=metrics.Histogram("fleet_cycle_seconds", description="Wall time of a cycle.", boundaries=_SECONDS),
-            actions=metrics.Counter("fleet_cycle_drift_actions", description="Drift actions taken after training, by kind.",
-                                    tag_keys=("action",)),
+            queue=metrics.Gauge(
+                "fleet_scheduler_queue_depth",
+                description="Models with pending data left unscheduled by the last plan, by tier and reason.",
+                tag_keys=("tier", "reason"),
+            ),
+            scheduled=metrics.Gauge(
+                "fleet_scheduler_scheduled_models",
+                description="Models the last plan scheduled, by tier.",
+                tag_keys=("tier",),
+            ),
+            fairness=metrics.Gauge(
+                "fleet_scheduler_fairness_jain",
+                description="Jain's index of companies' decayed usage relative to their shares (1 = fair).",
+            ),
+            gpu_s=metrics.Counter(
+                "fleet_train_gpu_seconds",
+                description="GPU-seconds (full-H100 equivalents) used by training, by tier.",
+                tag_keys=("tier",),
+            ),
+            runs=metrics.Counter(
+                "fleet_train_runs", description="Training runs finished, by status.", tag_keys=("status",)
+            ),
+            members=metrics.Counter(
+                "fleet_train_members",
+                description="Models trained, by tier and outcome (published, rejected).",
+                tag_keys=("tier", "outcome"),
+            ),
+            tokens=metrics.Counter(
+                "fleet_train_tokens", description="Tokens trained on, by tier.", tag_keys=("tier",)
+            ),
+            run_s=metrics.Histogram(
+                "fleet_train_run_seconds", description="Wall time of a pack's run.", boundaries=_SECONDS
+            ),
+            cycles=metrics.Counter(
+                "fleet_cycles", description="Control-loop cycles finished, by status.", tag_keys=("status",)
+            ),
+            cycle_s=metrics.Histogram(
+                "fleet_cycle_seconds", description="Wall time of a cycle.", boundaries=_SECONDS
+            ),
+            actions=metrics.Counter(
+                "fleet_cycle_drift_actions",
+                description="Drift actions taken after training, by kind.",
+                tag_keys=("action",),
+            ),
         )
     return _metrics
 
@@ -88,7 +114,9 @@ def record_training(outcomes: Sequence[Any], gpu_s_by_tier: dict[str, float]) ->
         if o.seconds:
             m["run_s"].observe(o.seconds)
         for mo in o.members:
-            m["members"].inc(1, tags={"tier": mo.tier, "outcome": "published" if mo.published else "rejected"})
+            m["members"].inc(
+                1, tags={"tier": mo.tier, "outcome": "published" if mo.published else "rejected"}
+            )
             tok = mo.metrics.get("tokens", 0)
             if tok:
                 m["tokens"].inc(tok, tags={"tier": mo.tier})

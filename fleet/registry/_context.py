@@ -119,7 +119,11 @@ class ContextMixin(RegistryCore):
                 old = [(r.id, r.text) for r in rows if r.id <= wm]
                 frac = replay_fraction.get(mid, 0.0) if isinstance(replay_fraction, dict) else replay_fraction
                 # Replay enough old items that they make up `frac` of the training data.
-                want = int(round(len(new) * frac / (1 - frac))) if 0 < frac < 1 else (len(old) if frac >= 1 else 0)
+                want = (
+                    int(round(len(new) * frac / (1 - frac)))
+                    if 0 < frac < 1
+                    else (len(old) if frac >= 1 else 0)
+                )
                 if old and want:
                     rng = random.Random(f"{seed}:{mid}:{wm}")
                     old = sorted(rng.sample(old, min(want, len(old))))

@@ -37,11 +37,25 @@ class DemandMixin(RegistryCore):
         with self.read() as conn:
             # Plain DB-API tuples: a million Row objects would cost more than the scan itself.
             rows = conn.exec_driver_sql(_DEMAND_SQL).fetchall()
-        keys = ("model_id", "company", "team", "tier", "base", "pending_tokens", "since_last_s", "frozen",
-                "waiting_cycles", "pending_age_s", "usage_gpu_s", "rank")
+        keys = (
+            "model_id",
+            "company",
+            "team",
+            "tier",
+            "base",
+            "pending_tokens",
+            "since_last_s",
+            "frozen",
+            "waiting_cycles",
+            "pending_age_s",
+            "usage_gpu_s",
+            "rank",
+        )
         if not rows:
             return {k: [] for k in keys}
-        (ids, company, team, tier, base, pending, last, drift, waiting, since, usage, usage_at, rank) = zip(*rows, strict=True)
+        (ids, company, team, tier, base, pending, last, drift, waiting, since, usage, usage_at, rank) = zip(
+            *rows, strict=True
+        )
         f64 = lambda xs: np.array([np.nan if x is None else x for x in xs], dtype=np.float64)  # noqa: E731
         pending_a = np.array(pending, dtype=np.int64)
         last_a, since_a, at_a = f64(last), f64(since), f64(usage_at)
@@ -75,7 +89,11 @@ class DemandMixin(RegistryCore):
                     TENANTS.c.level.in_(("company", "team"))
                 )
             ).all()
-        companies = {r.id: {"share": r.shares, "budget_gpu_s_per_day": r.budget_gpu_s_per_day} for r in rows if r.level == "company"}
+        companies = {
+            r.id: {"share": r.shares, "budget_gpu_s_per_day": r.budget_gpu_s_per_day}
+            for r in rows
+            if r.level == "company"
+        }
         teams = {r.id: {"share": r.shares} for r in rows if r.level == "team"}
         return companies, teams
 
@@ -87,7 +105,11 @@ class DemandMixin(RegistryCore):
         with self.tx() as conn:
             cur = {
                 r.id: (r.usage_gpu_s, r.usage_at)
-                for r in conn.execute(select(MODELS.c.id, MODELS.c.usage_gpu_s, MODELS.c.usage_at).where(MODELS.c.id.in_(sorted(usage))))
+                for r in conn.execute(
+                    select(MODELS.c.id, MODELS.c.usage_gpu_s, MODELS.c.usage_at).where(
+                        MODELS.c.id.in_(sorted(usage))
+                    )
+                )
             }
             rows = []
             for mid, add in usage.items():

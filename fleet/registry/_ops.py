@@ -66,7 +66,9 @@ class OpsMixin(RegistryCore):
             existing = conn.scalar(select(RUNS.c.id).where(RUNS.c.name == name).order_by(RUNS.c.id).limit(1))
             if existing is not None:
                 conn.execute(
-                    update(RUNS).where(RUNS.c.id == existing).values(status=RunStatus.RUNNING.value, error=None)
+                    update(RUNS)
+                    .where(RUNS.c.id == existing)
+                    .values(status=RunStatus.RUNNING.value, error=None)
                 )
                 return int(existing)
             res = conn.execute(

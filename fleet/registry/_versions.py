@@ -78,7 +78,11 @@ def _version_record(row) -> VersionRecord:
 def _pending_after(watermark_col, what=None):
     """Correlated subquery over a model's items after a watermark (default: their tokens)."""
     what = func.coalesce(func.sum(ITEMS.c.tokens), 0) if what is None else what
-    return select(what).where(and_(ITEMS.c.model_id == MODELS.c.id, ITEMS.c.id > watermark_col)).scalar_subquery()
+    return (
+        select(what)
+        .where(and_(ITEMS.c.model_id == MODELS.c.id, ITEMS.c.id > watermark_col))
+        .scalar_subquery()
+    )
 
 
 # Set-based model update after a version becomes active (or the active one goes away).

@@ -31,7 +31,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def cycle(
         steps: int = typer.Option(None, "--steps", help="Override every member's schedule length."),
-        cycle_id: int = typer.Option(None, "--cycle-id", help="Execute this prepared cycle (what a cycle job runs)."),
+        cycle_id: int = typer.Option(
+            None, "--cycle-id", help="Execute this prepared cycle (what a cycle job runs)."
+        ),
     ) -> None:
         """Schedule, train the packs, score drift, record usage: one cycle, in this process."""
         from fleet.context import Fleet

@@ -37,7 +37,9 @@ def _is_heldout(item_id: int, text: str, fraction: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2**64 < fraction
 
 
-def rows_from_items(items: Sequence[tuple[int, str]], tokenizer, context_length: int) -> list[tuple[int, list[int]]]:
+def rows_from_items(
+    items: Sequence[tuple[int, str]], tokenizer, context_length: int
+) -> list[tuple[int, list[int]]]:
     """(item id, token ids) rows: each item tokenized with bos/eos and cut into windows."""
     if not items:
         return []

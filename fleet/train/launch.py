@@ -91,8 +91,16 @@ def _progress_board():
     return ProgressBoard
 
 
-def _fit(pack: dict, cfg: dict, progress, storage_path: str, storage_fs, resources: dict, use_gpu: bool,
-         max_failures: int) -> dict:
+def _fit(
+    pack: dict,
+    cfg: dict,
+    progress,
+    storage_path: str,
+    storage_fs,
+    resources: dict,
+    use_gpu: bool,
+    max_failures: int,
+) -> dict:
     """Runs one TorchTrainer to completion (inside a Ray task) and returns its final outputs."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -130,8 +138,10 @@ def _storage(cfg) -> tuple[str, Any]:
         import pyarrow.fs
 
         ep = urlparse(cfg.store.endpoint_url)
-        fs = pyarrow.fs.S3FileSystem(endpoint_override=ep.netloc, scheme=ep.scheme or "https", region=cfg.store.region)
-        return path[len("s3://"):], fs
+        fs = pyarrow.fs.S3FileSystem(
+            endpoint_override=ep.netloc, scheme=ep.scheme or "https", region=cfg.store.region
+        )
+        return path[len("s3://") :], fs
     if "://" not in path:
         Path(path).mkdir(parents=True, exist_ok=True)
     return path, None
@@ -167,12 +177,23 @@ def run_packs(
     running: dict[Any, tuple[PackSpec, int, float]] = {}
     for pack in packs:
         run_id = fl.registry.create_run(
-            pack.name, base_model=pack.base_model, members=[m.model_id for m in pack.members],
-            cycle_id=pack.cycle_id, slice_profile=pack.slice_profile,
+            pack.name,
+            base_model=pack.base_model,
+            members=[m.model_id for m in pack.members],
+            cycle_id=pack.cycle_id,
+            slice_profile=pack.slice_profile,
         )
         res, use_gpu = resources_of(pack, cfg)
-        ref = fit.remote(pack.to_dict(), cfg.model_dump(mode="json"), board, storage_path, storage_fs, res, use_gpu,
-                         cfg.train.max_failures)
+        ref = fit.remote(
+            pack.to_dict(),
+            cfg.model_dump(mode="json"),
+            board,
+            storage_path,
+            storage_fs,
+            res,
+            use_gpu,
+            cfg.train.max_failures,
+        )
         running[ref] = (pack, run_id, time.time())
     outcomes: list[PackOutcome] = []
     pending = list(running)
@@ -191,10 +212,16 @@ def run_packs(
                 continue
             outcome = publish(fl, pack, run_id, out, gates)
             outcome.seconds = time.time() - t0
-            fl.registry.finish_run(run_id, RunStatus.SUCCEEDED, metrics={
-                **out["metrics"], "published": outcome.published, "rejected": outcome.rejected,
-                "seconds": outcome.seconds,
-            })
+            fl.registry.finish_run(
+                run_id,
+                RunStatus.SUCCEEDED,
+                metrics={
+                    **out["metrics"],
+                    "published": outcome.published,
+                    "rejected": outcome.rejected,
+                    "seconds": outcome.seconds,
+                },
+            )
             outcomes.append(outcome)
     order = {p.name: i for i, p in enumerate(packs)}
     return sorted(outcomes, key=lambda o: order[o.name])
@@ -219,12 +246,21 @@ def publish(fl, pack: PackSpec, run_id: int, out: dict[str, Any], gates: Sequenc
                 break
         reason = "; ".join(reasons)
         staged = fl.store.stage(m.model_id, config_b, weights_b)
-        requests.append(PublishRequest(
-            model_id=m.model_id, staged=staged, rank=m.rank, alpha=m.alpha, base_model=pack.base_model,
-            state=AdapterState.ACTIVE if ok else AdapterState.REJECTED,
-            parents=[a.key for a in m.ancestors], watermark=m.upto if ok else m.watermark,
-            metrics=metrics, reason=None if ok else reason, run_id=run_id,
-        ))
+        requests.append(
+            PublishRequest(
+                model_id=m.model_id,
+                staged=staged,
+                rank=m.rank,
+                alpha=m.alpha,
+                base_model=pack.base_model,
+                state=AdapterState.ACTIVE if ok else AdapterState.REJECTED,
+                parents=[a.key for a in m.ancestors],
+                watermark=m.upto if ok else m.watermark,
+                metrics=metrics,
+                reason=None if ok else reason,
+                run_id=run_id,
+            )
+        )
         members.append(MemberOutcome(m.model_id, m.tier, ok, None, reason, metrics))
     published = {v.model_id: v for v in fl.registry.publish_versions(fl.store, requests)}
     for mo in members:
@@ -233,7 +269,9 @@ def publish(fl, pack: PackSpec, run_id: int, out: dict[str, Any], gates: Sequenc
     for r in requests:
         if r.model_id not in published:
             fl.store.discard(r.staged)  # this run published the member before (a resumed run)
-    return PackOutcome(pack.name, run_id, RunStatus.SUCCEEDED, 0.0, steps=int(out["metrics"]["step"]), members=members)
+    return PackOutcome(
+        pack.name, run_id, RunStatus.SUCCEEDED, 0.0, steps=int(out["metrics"]["step"]), members=members
+    )
 
 
 def _describe(exc: BaseException) -> str:

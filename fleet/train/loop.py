@@ -94,14 +94,22 @@ def run_pack(
             w = read(m.start)  # continual learning: start from the active version
         else:
             w = AdapterWeights.fresh(
-                model, rank=m.rank, alpha=m.alpha, target_modules=cfg.lora.target_modules,
-                use_rslora=cfg.lora.use_rslora, seed=_seed(m.seed, m.model_id),
+                model,
+                rank=m.rank,
+                alpha=m.alpha,
+                target_modules=cfg.lora.target_modules,
+                use_rslora=cfg.lora.use_rslora,
+                seed=_seed(m.seed, m.model_id),
             )
         engine.load(m.train_key, w, trainable=True)
     # Each member's rows use [company, team, own] slots (levels it lacks are -1).
     slot_rows = torch.tensor(
-        [[engine.slot(a.key) for a in m.ancestors] + [-1] * (2 - len(m.ancestors)) + [engine.slot(m.train_key)]
-         for m in members]
+        [
+            [engine.slot(a.key) for a in m.ancestors]
+            + [-1] * (2 - len(m.ancestors))
+            + [engine.slot(m.train_key)]
+            for m in members
+        ]
     )
 
     opt = SlotAdamW(engine, keys, weight_decay=max(m.learning_schedule.weight_decay for m in members))
@@ -116,11 +124,19 @@ def run_pack(
         pins={m.model_id: (m.watermark, m.upto) for m in members},
     )
     data = [
-        member_data(m.model_id, snaps[m.model_id].new_items, snaps[m.model_id].old_items, tokenizer,
-                    context_length=cfg.data.context_length, heldout_fraction=cfg.data.heldout_fraction)
+        member_data(
+            m.model_id,
+            snaps[m.model_id].new_items,
+            snaps[m.model_id].old_items,
+            tokenizer,
+            context_length=cfg.data.context_length,
+            heldout_fraction=cfg.data.heldout_fraction,
+        )
         for m in members
     ]
-    streams = [RowStream(d.train, seed=f"{cfg.train.seed}:{m.model_id}") for m, d in zip(members, data, strict=True)]
+    streams = [
+        RowStream(d.train, seed=f"{cfg.train.seed}:{m.model_id}") for m, d in zip(members, data, strict=True)
+    ]
     pad = tokenizer.pad_token_id
     rows_per_member = cfg.train.rows_per_member
 
@@ -172,12 +188,30 @@ def run_pack(
             last_loss[i] = float(loss_M[i])
         done = step + 1
         if progress is not None and (done % 5 == 0 or done == total):
-            progress.update.remote(spec.name, {"step": done, "steps": total, "pid": os.getpid(),
-                                               "loss": _mean(last_loss), "tokens": sum(tokens),
-                                               "elapsed_s": time.time() - t0})
+            progress.update.remote(
+                spec.name,
+                {
+                    "step": done,
+                    "steps": total,
+                    "pid": os.getpid(),
+                    "loss": _mean(last_loss),
+                    "tokens": sum(tokens),
+                    "elapsed_s": time.time() - t0,
+                },
+            )
         if done % cfg.train.checkpoint_every == 0 and done < total:
-            _report(engine, opt, members, keys, streams, before, done, tokens, {"step": done, "loss": _mean(last_loss)},
-                    report=report)
+            _report(
+                engine,
+                opt,
+                members,
+                keys,
+                streams,
+                before,
+                done,
+                tokens,
+                {"step": done, "loss": _mean(last_loss)},
+                report=report,
+            )
         elif eval_every and done % eval_every == 0 and done < total:
             # Sweeps: the objective as training goes, so that ASHA can stop a bad trial early.
             now = evaluate(engine, model, data, slot_rows, pad, device)
@@ -195,13 +229,19 @@ def run_pack(
     }
     members_out = {
         m.model_id: {
-            "heldout_before": before[i]["loss"], "heldout_after": after[i]["loss"],
-            "kl_base": after[i]["kl"], "top1_base": after[i]["top1"], "tokens": tokens[i],
-            "train_rows": len(data[i].train), "heldout_rows": len(data[i].heldout),
+            "heldout_before": before[i]["loss"],
+            "heldout_after": after[i]["loss"],
+            "kl_base": after[i]["kl"],
+            "top1_base": after[i]["top1"],
+            "tokens": tokens[i],
+            "train_rows": len(data[i].train),
+            "heldout_rows": len(data[i].heldout),
         }
         for i, m in enumerate(members)
     }
-    _report(engine, opt, members, keys, streams, before, total, tokens, metrics, final=members_out, report=report)
+    _report(
+        engine, opt, members, keys, streams, before, total, tokens, metrics, final=members_out, report=report
+    )
 
 
 def _objective(evals: list[dict[str, float]], kl_lambda: float) -> dict[str, float]:
@@ -234,7 +274,9 @@ def _member_kl(base_BTV, logits_BTV, mask_BT, member_B, n_members: int):
 
 
 @torch.no_grad()
-def evaluate(engine, model, data, slot_rows, pad: int, device, batch_rows: int = 32) -> list[dict[str, float]]:
+def evaluate(
+    engine, model, data, slot_rows, pad: int, device, batch_rows: int = 32
+) -> list[dict[str, float]]:
     """Held-out loss, KL(base ‖ model) and top-1 agreement with the base, per member."""
     was_training = model.training
     model.eval()
@@ -263,7 +305,9 @@ def evaluate(engine, model, data, slot_rows, pad: int, device, batch_rows: int =
     ]
 
 
-def _report(engine, opt, members, keys, streams, before, step, tokens, metrics, final=None, *, report) -> None:
+def _report(
+    engine, opt, members, keys, streams, before, step, tokens, metrics, final=None, *, report
+) -> None:
     """Checkpoint every member's adapter and optimizer state (and, at the end, the results)."""
     state = {
         "step": step,

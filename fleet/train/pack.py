@@ -130,7 +130,9 @@ def build_pack(
         )
     frozen = [m for m in model_ids if models[m].drift_state is DriftState.FROZEN]
     if frozen:
-        raise ValidationError(f"model {frozen[0]!r} is frozen by the drift monitor; unfreeze it before training")
+        raise ValidationError(
+            f"model {frozen[0]!r} is frozen by the drift monitor; unfreeze it before training"
+        )
     if token_budgets is not None and len(token_budgets) != len(model_ids):
         raise ValidationError("token_budgets must name one budget per member")
     stacks = reg.active_stacks(model_ids)
@@ -200,4 +202,3 @@ def _budget_upto(reg, model_id: str, watermark: int, upto: int, budget: int) -> 
         total += item["tokens"]
         last = item["id"]
     return last if last is not None else upto
-

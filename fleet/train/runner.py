@@ -17,16 +17,31 @@ from fleet.train.pack import PackSpec, build_pack
 from fleet.types import RunStatus
 
 
-def train_models(fl, model_ids: Sequence[str], *, steps: int | None = None, console: Console | None = None,
-                 gates: Sequence[Gate] = (), cycle_id: int | None = None) -> list[PackOutcome]:
+def train_models(
+    fl,
+    model_ids: Sequence[str],
+    *,
+    steps: int | None = None,
+    console: Console | None = None,
+    gates: Sequence[Gate] = (),
+    cycle_id: int | None = None,
+) -> list[PackOutcome]:
     """Train these models, split into packs of at most ``scheduler.max_pack_members``."""
     size = fl.cfg.scheduler.max_pack_members
     groups = [list(model_ids[i : i + size]) for i in range(0, len(model_ids), size)] or [[]]
-    return _train(fl, [{"members": g} for g in groups], steps=steps, console=console, gates=gates, cycle_id=cycle_id)
+    return _train(
+        fl, [{"members": g} for g in groups], steps=steps, console=console, gates=gates, cycle_id=cycle_id
+    )
 
 
-def train_plan_file(fl, path: str | Path, *, steps: int | None = None, console: Console | None = None,
-                    gates: Sequence[Gate] = ()) -> list[PackOutcome]:
+def train_plan_file(
+    fl,
+    path: str | Path,
+    *,
+    steps: int | None = None,
+    console: Console | None = None,
+    gates: Sequence[Gate] = (),
+) -> list[PackOutcome]:
     """Train the packs of a plan written by ``fleet schedule --json``."""
     p = Path(path)
     try:
@@ -53,8 +68,11 @@ def _train(fl, packs: list[dict], *, steps, console, gates, cycle_id: int | None
             fl.registry.finish_cycle(cycle_id, RunStatus.FAILED, {"kind": "train", "error": str(exc)[:500]})
         raise
     if own_cycle:
-        fl.registry.finish_cycle(cycle_id, RunStatus.SUCCEEDED if not any(o.error for o in outcomes) else RunStatus.FAILED,
-                                 summary_of(outcomes, kind="train", seconds=round(time.time() - t0, 2)))
+        fl.registry.finish_cycle(
+            cycle_id,
+            RunStatus.SUCCEEDED if not any(o.error for o in outcomes) else RunStatus.FAILED,
+            summary_of(outcomes, kind="train", seconds=round(time.time() - t0, 2)),
+        )
         if console is not None:
             render_outcomes(outcomes, console)
     return outcomes
@@ -75,13 +93,19 @@ def stages(packs: list[dict]) -> list[list[dict]]:
         for i, m in enumerate(members):
             by_level.setdefault(min(m.count("/"), 2), []).append(i)
         for level, idx in sorted(by_level.items()):
-            out[level].append({**p, "members": [members[i] for i in idx],
-                               "token_budgets": [budgets[i] for i in idx] if budgets else None})
+            out[level].append(
+                {
+                    **p,
+                    "members": [members[i] for i in idx],
+                    "token_budgets": [budgets[i] for i in idx] if budgets else None,
+                }
+            )
     return [s for s in out if s]
 
 
-def train_packs(fl, packs: list[dict], *, cycle_id: int, steps=None, console=None,
-                gates: Sequence[Gate] = ()) -> tuple[list[PackOutcome], list[PackSpec]]:
+def train_packs(
+    fl, packs: list[dict], *, cycle_id: int, steps=None, console=None, gates: Sequence[Gate] = ()
+) -> tuple[list[PackOutcome], list[PackSpec]]:
     """Train a plan's packs in level stages (companies, teams, individuals), packs of a stage
     concurrently. Every pack of the first stage is checked before anything runs; later stages are
     built when they start, on top of the versions the stages before them published."""
@@ -92,9 +116,18 @@ def train_packs(fl, packs: list[dict], *, cycle_id: int, steps=None, console=Non
         built = []
         for p in stage:
             try:
-                built.append(build_pack(fl, list(p["members"]), cycle_id=cycle_id, index=n,
-                                        token_budgets=p.get("token_budgets"), slice_profile=p.get("slice_profile"),
-                                        resources=p.get("resources"), steps=steps))
+                built.append(
+                    build_pack(
+                        fl,
+                        list(p["members"]),
+                        cycle_id=cycle_id,
+                        index=n,
+                        token_budgets=p.get("token_budgets"),
+                        slice_profile=p.get("slice_profile"),
+                        resources=p.get("resources"),
+                        steps=steps,
+                    )
+                )
             except ValidationError:
                 if k == 0:
                     raise
@@ -121,26 +154,48 @@ def summary_of(outcomes: Sequence[PackOutcome], **extra) -> dict:
 def _run_with_progress(fl, specs: list[PackSpec], console: Console | None, gates) -> list[PackOutcome]:
     if console is None:
         return run_packs(fl, specs, gates=gates)
-    cols = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn())
+    cols = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*cols, console=console, transient=False) as prog:
-        tasks = {s.name: prog.add_task(f"{s.name} ({len(s.members)} models)", total=s.steps, info="starting") for s in specs}
+        tasks = {
+            s.name: prog.add_task(f"{s.name} ({len(s.members)} models)", total=s.steps, info="starting")
+            for s in specs
+        }
 
         def show(board: dict[str, dict]) -> None:
             for name, st in board.items():
                 if name in tasks and "step" in st:
-                    prog.update(tasks[name], completed=st["step"], info=f"loss {st.get('loss', float('nan')):.3f}")
+                    prog.update(
+                        tasks[name], completed=st["step"], info=f"loss {st.get('loss', float('nan')):.3f}"
+                    )
 
         outcomes = run_packs(fl, specs, gates=gates, on_progress=show)
         for o in outcomes:
-            prog.update(tasks[o.name], completed=o.steps if not o.error else prog.tasks[tasks[o.name]].completed,
-                        info="failed" if o.error else "done")
+            prog.update(
+                tasks[o.name],
+                completed=o.steps if not o.error else prog.tasks[tasks[o.name]].completed,
+                info="failed" if o.error else "done",
+            )
     return outcomes
 
 
 def render_outcomes(outcomes: Sequence[PackOutcome], console: Console) -> None:
     t = Table(title="training runs")
-    for col in ("run", "members", "steps", "tokens", "held-out before → after", "published", "rejected", "time"):
+    for col in (
+        "run",
+        "members",
+        "steps",
+        "tokens",
+        "held-out before → after",
+        "published",
+        "rejected",
+        "time",
+    ):
         t.add_column(col, justify="left" if col == "run" else "right")
     for o in outcomes:
         if o.error:
@@ -149,8 +204,16 @@ def render_outcomes(outcomes: Sequence[PackOutcome], console: Console) -> None:
         ms = [m.metrics for m in o.members]
         before = sum(m["heldout_before"] for m in ms) / len(ms)
         after = sum(m["heldout_after"] for m in ms) / len(ms)
-        t.add_row(o.name, str(len(o.members)), str(o.steps), f"{sum(m['tokens'] for m in ms):,}",
-                  f"{before:.3f} → {after:.3f}", str(o.published), str(o.rejected), f"{o.seconds:.0f}s")
+        t.add_row(
+            o.name,
+            str(len(o.members)),
+            str(o.steps),
+            f"{sum(m['tokens'] for m in ms):,}",
+            f"{before:.3f} → {after:.3f}",
+            str(o.published),
+            str(o.rejected),
+            f"{o.seconds:.0f}s",
+        )
     console.print(t)
     rejected = [(m.model_id, m.reason) for o in outcomes for m in o.members if not m.published]
     for mid, why in rejected[:10]:
