@@ -18,10 +18,11 @@ def ensure_ray(cfg: FleetConfig, *, log_to_driver: bool = False, dashboard: bool
     if ray.is_initialized():
         return _dashboard_url()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    env = ray_env(cfg)
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
     # Workers of a local Ray inherit this process's environment; a remote cluster's nodes have their
     # own (credentials never travel in a runtime env, which the dashboard shows).
-    env = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "RAY_TRAIN_V2_ENABLED": "1"}
     kwargs = dict(namespace=cfg.ray.namespace, log_to_driver=log_to_driver, runtime_env={"env_vars": env})
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")  # inside a Ray job: its cluster
     if os.environ.get("RAY_ADDRESS") and not cfg.ray.address:
@@ -36,6 +37,17 @@ def ensure_ray(cfg: FleetConfig, *, log_to_driver: bool = False, dashboard: bool
     except ConnectionError as exc:
         raise UnavailableError(f"cannot reach the Ray cluster at {address}: {exc}") from None
     return _dashboard_url()
+
+
+def ray_env(cfg: FleetConfig) -> dict[str, str]:
+    """Environment of fleet's Ray processes (runtime env of its jobs and of a local Ray): Train V2,
+    the Train controller's poll interval, and no network or thread surprises from tokenizers."""
+    return {
+        "RAY_TRAIN_V2_ENABLED": "1",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": f"{cfg.train.controller_poll_s:g}",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+    }
 
 
 def _dashboard_url() -> str | None:

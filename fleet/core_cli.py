@@ -181,7 +181,10 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
         individuals: int = typer.Option(
-            100, "--individuals", help="Individuals in the synthetic organisation."
+            24,
+            "--individuals",
+            min=6,
+            help="Individuals in the synthetic organisation (at least one per team).",
         ),
         quick: bool = typer.Option(False, "--quick", help="Skip the slow steps (for smoke tests)."),
     ) -> None:

@@ -23,6 +23,8 @@ from fleet.config import FleetConfig
 from fleet.context import Fleet
 
 DEMO_SEED = 0
+DEMO_STEPS, DEMO_LR = 12, 6e-3
+DEMO_INDIVIDUALS, DEMO_TEAMS_PER_COMPANY, DEMO_FOLLOW_UPS = 24, 2, 8
 
 
 def demo_config(cfg: FleetConfig) -> FleetConfig:
@@ -37,10 +39,16 @@ def demo_config(cfg: FleetConfig) -> FleetConfig:
         cfg.scheduler.reserve_serving_fraction = 0.0
     for tier in cfg.tiers.values():
         tier.min_interval_s = 0.0  # the demo's second cycle follows the first at once
+        # Half the tier's steps at twice the rate: the demo's two cycles fit in minutes on two CPUs.
+        tier.schedule = tier.schedule.model_copy(
+            update={"steps": DEMO_STEPS, "lr": DEMO_LR, "warmup_steps": min(tier.schedule.warmup_steps, 2)}
+        )
     return cfg
 
 
-def run_demo(cfg: FleetConfig, *, individuals: int = 100, quick: bool = False, console: Console) -> dict:
+def run_demo(
+    cfg: FleetConfig, *, individuals: int = DEMO_INDIVIDUALS, quick: bool = False, console: Console
+) -> dict:
     t0 = time.time()
     cfg = demo_config(cfg)
     fl = Fleet(cfg)
@@ -50,14 +58,16 @@ def run_demo(cfg: FleetConfig, *, individuals: int = 100, quick: bool = False, c
 
     from fleet.base import ensure_base
 
-    console.rule("1 · base model")
+    console.rule(f"1 · base model  [dim]({time.time() - t0:.0f} s)")
     path = ensure_base(cfg, progress=True)
     console.print(f"base {cfg.base.name} at {path}")
 
-    console.rule("2 · synthetic organisation")
+    console.rule(f"2 · synthetic organisation  [dim]({time.time() - t0:.0f} s)")
     from fleet.data.synth import synthetic_org
 
-    org = synthetic_org(companies=3, teams_per_company=4, individuals=individuals, seed=DEMO_SEED)
+    org = synthetic_org(
+        companies=3, teams_per_company=DEMO_TEAMS_PER_COMPANY, individuals=individuals, seed=DEMO_SEED
+    )
     existing = {m.id for m in fl.registry.list_models()}
     new = [t for t in org.tenants if t.id not in existing]
     for t in sorted(new, key=lambda t: t.id.count("/")):
@@ -68,7 +78,7 @@ def run_demo(cfg: FleetConfig, *, individuals: int = 100, quick: bool = False, c
     )
     write_demo_facts(fl, org)
 
-    console.rule("3 · ingest private context")
+    console.rule(f"3 · ingest private context  [dim]({time.time() - t0:.0f} s)")
     reports = fl.ingestor().ingest_many(
         {mid: [i.to_json() for i in org.items_of(mid)] for mid in org.model_ids}
     )
@@ -79,7 +89,7 @@ def run_demo(cfg: FleetConfig, *, individuals: int = 100, quick: bool = False, c
     )
     from fleet.status import collect_status, render_status
 
-    render_status(collect_status(fl), console)
+    render_status(collect_status(fl, serving=False), console)
     if quick:
         console.print(f"demo (quick) finished in {time.time() - t0:.0f} s")
         fl.close()
@@ -87,19 +97,25 @@ def run_demo(cfg: FleetConfig, *, individuals: int = 100, quick: bool = False, c
 
     from fleet.ops.control import run_loop
 
-    console.rule("4 · cycle: schedule → packed training → drift scan → promotion (a Ray job)")
+    console.rule(
+        f"4 · cycle: schedule → packed training → drift scan → promotion (a Ray job)  [dim]({time.time() - t0:.0f} s)"
+    )
     out["cycles"] = run_loop(fl, every_s=None, once=True, config_path=None, console=console)
 
-    console.rule("5 · new context arrives; the next cycle learns only what is new")
-    fresh = follow_up_items(org, k=12)
+    console.rule(
+        f"5 · new context arrives; the next cycle learns only what is new  [dim]({time.time() - t0:.0f} s)"
+    )
+    fresh = follow_up_items(org, k=DEMO_FOLLOW_UPS)
     fl.ingestor().ingest_many(fresh)
     console.print(f"{sum(len(v) for v in fresh.values())} new items for {len(fresh)} individuals")
     out["cycles"] += run_loop(fl, every_s=None, once=True, config_path=None, console=console)
 
-    console.rule("6 · serving: private questions over the OpenAI-compatible API")
+    console.rule(
+        f"6 · serving: private questions over the OpenAI-compatible API  [dim]({time.time() - t0:.0f} s)"
+    )
     out["serving"] = ask_over_http(fl, org, console)
 
-    console.rule("7 · fleet eval")
+    console.rule(f"7 · fleet eval  [dim]({time.time() - t0:.0f} s)")
     from fleet.ops.evaluate import evaluate, read_facts, render
 
     res = evaluate(fl, read_facts(cfg.data_path / "demo" / "facts.jsonl"), models=24)
@@ -107,7 +123,7 @@ def run_demo(cfg: FleetConfig, *, individuals: int = 100, quick: bool = False, c
     out["eval"] = res
     (cfg.data_path / "demo" / "eval.json").write_text(json.dumps(res, indent=2))
 
-    console.rule("8 · drift report")
+    console.rule(f"8 · drift report  [dim]({time.time() - t0:.0f} s)")
     from fleet.divergence.report import build_report, plot_report, render_report
 
     rep = build_report(fl)
@@ -115,11 +131,14 @@ def run_demo(cfg: FleetConfig, *, individuals: int = 100, quick: bool = False, c
     render_report(rep, console)
     console.print(f"drift plot: {png}")
 
-    console.rule("9 · status")
+    console.rule(f"9 · status  [dim]({time.time() - t0:.0f} s)")
     render_status(collect_status(fl), console)
     import ray
 
     if ray.is_initialized():
+        from ray import serve
+
+        serve.shutdown()
         ray.shutdown()
     console.print(f"demo finished in {time.time() - t0:.0f} s")
     fl.close()
@@ -196,7 +215,4 @@ def ask_over_http(fl, org, console: Console, n: int = 4) -> list[dict]:
         )
     console.print(table)
     console.print(f"the API is at {url}/v1 (keys are scoped to a company; see `fleet keys create`)")
-    from ray import serve
-
-    serve.shutdown()
     return rows

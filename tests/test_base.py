@@ -27,7 +27,7 @@ from fleet.base import (
     resolve_device,
     resolve_dtype,
 )
-from fleet.base.pretrain import PretrainSpec, heldout_nll, init_model
+from fleet.base.pretrain import PretrainSpec, build_threads, heldout_nll, init_model
 from fleet.config import FleetConfig
 from fleet.data.synth import general_text, synthetic_org
 from fleet.errors import ConfigError
@@ -154,7 +154,8 @@ def test_copy_circuit_recalls_before_any_training():
 
 def test_pretraining_leaves_the_circuit_untouched(base_dir, loaded):
     model, tok = loaded
-    fresh = init_model(tok, seed=0)
+    with build_threads():  # the build's initialisation, computed on as many threads as the build's
+        fresh = init_model(tok, seed=0)
     for layer, head in _circuit.CIRCUIT_HEADS:
         rows = slice(head * _circuit.HEAD_DIM, (head + 1) * _circuit.HEAD_DIM)
         for name in ("q_proj", "k_proj", "v_proj"):

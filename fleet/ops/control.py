@@ -39,7 +39,7 @@ def run_loop(
 ) -> list[dict]:
     """Plan and submit each cycle as the Ray job ``fleet-cycle-<n>``, wait for it, repeat."""
     from fleet._ray import ensure_ray
-    from fleet.ops.jobs import job_client, submit_cycle, wait_job
+    from fleet.ops.jobs import job_client, submit_cycle
 
     url = ensure_ray(fl.cfg, dashboard=True)
     if url:
@@ -50,7 +50,7 @@ def run_loop(
         t0 = time.time()
         cycle_id, name, meta = submit_cycle(fl, client, config_path=config_path, steps=steps)
         console.print(f"submitted {name}: {meta['packs']} packs, {meta['models']} models")
-        status = wait_job(client, name)
+        status = _follow_cycle(fl, client, cycle_id, name, meta, console)
         row = fl.registry.get_cycle(cycle_id)
         s = row["summary"] or {}
         console.print(
@@ -71,3 +71,41 @@ def run_loop(
         if once or not every_s or (max_cycles and len(done) >= max_cycles):
             return done
         time.sleep(max(0.0, every_s - (time.time() - t0)))
+
+
+def _follow_cycle(fl, client, cycle_id: int, name: str, meta: dict, console: Console) -> str:
+    """Wait for the cycle's job, with a progress bar of its models whose pack run has finished
+    (read from the registry, where the job records its runs)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from fleet.ops.jobs import wait_job
+
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as prog:
+        task = prog.add_task(f"{name}: pending", total=max(1, int(meta.get("models") or 0)))
+
+        def poll(status: str) -> None:
+            runs = fl.registry.list_runs(cycle_id=cycle_id, limit=10_000)
+            finished = [r for r in runs if r.finished_at]
+            prog.update(
+                task,
+                completed=sum(len(r.members) for r in finished),
+                description=f"{name}: {status.lower()}, pack runs {len(finished)} finished / {len(runs)} started",
+            )
+
+        status = wait_job(client, name, on_poll=poll)
+        poll(status)
+    return status

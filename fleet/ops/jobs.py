@@ -45,7 +45,9 @@ def job_env(cfg, config_path: str | None) -> dict[str, str]:
     file in the data dir). A remote cluster's nodes carry their own config and secrets (cluster.yaml,
     k8s Secrets); nothing secret goes into the runtime env, which the dashboard displays.
     """
-    env = {"RAY_TRAIN_V2_ENABLED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    from fleet._ray import ray_env
+
+    env = ray_env(cfg)
     if cfg.ray.address:
         if config_path:
             env["FLEET_CONFIG"] = config_path
@@ -80,10 +82,15 @@ def submit_job(
     )
 
 
-def wait_job(client, submission_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None) -> str:
+def wait_job(
+    client, submission_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None, on_poll=None
+) -> str:
+    """Poll a job until it ends (or ``timeout_s``); ``on_poll(status)`` runs after every poll."""
     t0 = time.time()
     while True:
         status = str(client.get_job_status(submission_id)).split(".")[-1]
+        if on_poll is not None:
+            on_poll(status)
         if status in TERMINAL:
             return status
         if timeout_s is not None and time.time() - t0 > timeout_s:

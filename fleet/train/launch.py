@@ -117,7 +117,9 @@ def _fit(
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
+    t0 = time.perf_counter()
     result = trainer.fit()
+    fit_s = time.perf_counter() - t0
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as d:
@@ -126,6 +128,7 @@ def _fit(
 
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
     out["adapters"] = state["adapters"]
+    out["fit_s"] = round(fit_s, 2)
     return out
 
 
@@ -210,6 +213,7 @@ def run_packs(
                 fl.registry.finish_run(run_id, RunStatus.FAILED, error=err)
                 outcomes.append(PackOutcome(pack.name, run_id, RunStatus.FAILED, time.time() - t0, error=err))
                 continue
+            t_publish = time.perf_counter()
             outcome = publish(fl, pack, run_id, out, gates)
             outcome.seconds = time.time() - t0
             fl.registry.finish_run(
@@ -220,6 +224,9 @@ def run_packs(
                     "published": outcome.published,
                     "rejected": outcome.rejected,
                     "seconds": outcome.seconds,
+                    # Ray Train's fit() (start, the loop, checkpoints) and gating + publication.
+                    "fit_s": out.get("fit_s"),
+                    "publish_s": round(time.perf_counter() - t_publish, 2),
                 },
             )
             outcomes.append(outcome)

@@ -67,6 +67,7 @@ def run_pack(
     from fleet.lora import AdapterWeights, LoraEngine, SlotAdamW
 
     kl_lambda = cfg.sweep.kl_lambda if kl_lambda is None else float(kl_lambda)
+    t_setup = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     device = device or _device()
     fl = Fleet(cfg)
@@ -140,7 +141,9 @@ def run_pack(
     pad = tokenizer.pad_token_id
     rows_per_member = cfg.train.rows_per_member
 
+    t_eval = time.perf_counter()
     before = state["before"] if state else evaluate(engine, model, data, slot_rows, pad, device)
+    eval_s = time.perf_counter() - t_eval
     start = state["step"] if state else 0
     tokens = list(state["tokens"]) if state else [0] * len(members)
     if state:  # every member's data stream continues exactly where the checkpoint left it
@@ -148,6 +151,8 @@ def run_pack(
             stream.restore(saved)
 
     # -- the loop ------------------------------------------------------------------------------
+    setup_s = t_eval - t_setup
+    t_train = time.perf_counter()
     total = spec.steps
     model.train()
     t0, last_loss = time.time(), [float("nan")] * len(members)
@@ -218,8 +223,15 @@ def run_pack(
             report({"step": done, "loss": _mean(last_loss), **_objective(now, kl_lambda)}, None, None)
 
     model.eval()
+    train_s = time.perf_counter() - t_train
+    t_eval = time.perf_counter()
     after = evaluate(engine, model, data, slot_rows, pad, device)
+    eval_s += time.perf_counter() - t_eval
     metrics = {
+        # Where the worker's time went (base and adapters loading, held-out evaluations, steps).
+        "setup_s": round(setup_s, 2),
+        "eval_s": round(eval_s, 2),
+        "train_s": round(train_s, 2),
         "step": total,
         "loss": _mean(last_loss),
         "heldout_before": _mean([b["loss"] for b in before]),
