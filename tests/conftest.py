@@ -20,7 +20,9 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")  # as fleet's own Ray processes use (train.controller_poll_s)
+os.environ.setdefault(
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
+)  # as fleet's own Ray processes use (train.controller_poll_s)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
