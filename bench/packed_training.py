@@ -142,11 +142,14 @@ def ray_wall(steps: int) -> dict[str, float]:
         fl.add_tenant(t.id)
     fl.ingestor().ingest_many({m: [i.to_json() for i in org.items_of(m)] for m in org.model_ids})
     models = list(org.individuals)
+    from fleet._ray import ray_env
+
+    os.environ.update(ray_env(cfg))  # as fleet runs Ray (Train V2, the controller's poll interval)
     ray.init(
         num_cpus=os.cpu_count(),
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"RAY_TRAIN_V2_ENABLED": "1"}},
+        runtime_env={"env_vars": ray_env(cfg)},
     )
     # Both sides pinned to the same data before either runs.
     # Both sides use the whole machine: the pack one worker with every CPU, the single runs one
