@@ -300,3 +300,45 @@ def test_concurrent_ingestion_loses_no_rows(registry_url):
     assert (m.item_count, m.total_tokens, m.pending_tokens) == (120, 360, 360)
     assert len(reg.items("acme/search/dana")) == 120
     reg.close()
+
+
+def test_demand_columns_read_every_model_in_one_scan(registry, store):
+    """The scheduler's view: tier codes, teams (a team model is its own team), pending tokens and
+    their age, staleness, frozen models, decayed usage — on SQLite and PostgreSQL alike."""
+    from fleet.scheduler.demand import TIER_CODE
+
+    _org(registry)
+    registry.add_items({"acme/search/dana": [NewItem("document", "x", 40, "a" * 64)]}, received_at=1000.0)
+    _pub(registry, store, "acme/search/li")
+    registry.set_drift_state("beta", DriftState.FROZEN)
+    now = registry.now() + 100.0
+    registry.record_model_usage({"acme": 8.0}, now=now - 10.0, half_life_s=10.0)
+    cols = registry.demand_columns(now=now, half_life_s=10.0)
+    row = {mid: i for i, mid in enumerate(cols["model_id"].tolist())}
+    assert set(row) == {"acme", "acme/search", "acme/search/dana", "acme/search/li", "beta"}
+    tier = {m: int(cols["tier"][i]) for m, i in row.items()}
+    assert tier == {
+        "acme": TIER_CODE["company"],
+        "acme/search": TIER_CODE["team"],
+        "beta": TIER_CODE["company"],
+        "acme/search/dana": TIER_CODE["individual"],
+        "acme/search/li": TIER_CODE["individual"],
+    }
+    team = {m: cols["team"][i] for m, i in row.items()}
+    assert team == {
+        "acme": "",
+        "beta": "",
+        "acme/search": "acme/search",
+        "acme/search/dana": "acme/search",
+        "acme/search/li": "acme/search",
+    }
+    assert [cols["company"][row[m]] for m in ("acme/search/li", "beta")] == ["acme", "beta"]
+    assert cols["pending_tokens"][row["acme/search/dana"]] == 40
+    assert cols["pending_tokens"][row["acme/search/li"]] == 0
+    assert cols["pending_age_s"][row["acme/search/dana"]] == pytest.approx(now - 1000.0)
+    assert cols["pending_age_s"][row["acme/search/li"]] == 0.0
+    assert cols["since_last_s"][row["acme/search/dana"]] == float("inf")  # never trained
+    assert 0.0 <= cols["since_last_s"][row["acme/search/li"]] <= 100.0 + 5.0
+    assert cols["frozen"].tolist() == [m == "beta" for m in cols["model_id"].tolist()]
+    assert cols["usage_gpu_s"][row["acme"]] == pytest.approx(4.0)  # one half-life later
+    assert cols["rank"][row["acme"]] == 8

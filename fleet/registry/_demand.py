@@ -12,10 +12,30 @@ from fleet.registry.schema import Tenant
 
 TENANTS = Tenant.__table__
 
+# The database does the per-row work it is fast at (codes, NULL sentinels); numpy takes the rows
+# in one C-level conversion. A team model is in its own team.
+_NULL = -1e300
 _DEMAND_SQL = (
-    "SELECT id, company_id, team_id, tier, base_model, pending_tokens, last_version_at, drift_state, "
-    "waiting_cycles, pending_since, usage_gpu_s, usage_at, lora_rank FROM models"
+    "SELECT id, company_id, CASE WHEN tier = 'team' THEN id ELSE coalesce(team_id, '') END, "
+    "CASE tier WHEN 'company' THEN 0 WHEN 'team' THEN 1 ELSE 2 END, base_model, pending_tokens, "
+    f"coalesce(last_version_at, {_NULL}), drift_state = 'frozen', waiting_cycles, "
+    f"coalesce(pending_since, {_NULL}), usage_gpu_s, coalesce(usage_at, {_NULL}), lora_rank FROM models"
 )
+_DEMAND_DTYPE = [
+    ("model_id", "O"),
+    ("company", "O"),
+    ("team", "O"),
+    ("tier", "i1"),
+    ("base", "O"),
+    ("pending_tokens", "i8"),
+    ("last", "f8"),
+    ("frozen", "?"),
+    ("waiting_cycles", "i4"),
+    ("since", "f8"),
+    ("usage", "f8"),
+    ("usage_at", "f8"),
+    ("rank", "i2"),
+]
 
 _USAGE = (
     update(MODELS)
@@ -29,56 +49,38 @@ class DemandMixin(RegistryCore):
     def demand_columns(self, *, now: float, half_life_s: float) -> dict[str, Any]:
         """Every model's demand as columns (what ``fleet.scheduler.Demand.from_columns`` takes).
 
-        One scan of the models table; the arithmetic (staleness, pending age, decayed usage)
-        happens on the columns with numpy, not per row.
+        One scan of the models table through the driver's own cursor (no per-row objects of
+        SQLAlchemy's), converted to a numpy record array in one call; the arithmetic (staleness,
+        pending age, decayed usage) happens on the columns, not per row.
         """
         import numpy as np
 
         with self.read() as conn:
-            # Plain DB-API tuples: a million Row objects would cost more than the scan itself.
-            rows = conn.exec_driver_sql(_DEMAND_SQL).fetchall()
-        keys = (
-            "model_id",
-            "company",
-            "team",
-            "tier",
-            "base",
-            "pending_tokens",
-            "since_last_s",
-            "frozen",
-            "waiting_cycles",
-            "pending_age_s",
-            "usage_gpu_s",
-            "rank",
-        )
-        if not rows:
-            return {k: [] for k in keys}
-        (ids, company, team, tier, base, pending, last, drift, waiting, since, usage, usage_at, rank) = zip(
-            *rows, strict=True
-        )
-        f64 = lambda xs: np.array([np.nan if x is None else x for x in xs], dtype=np.float64)  # noqa: E731
-        pending_a = np.array(pending, dtype=np.int64)
-        last_a, since_a, at_a = f64(last), f64(since), f64(usage_at)
-        since_last = np.where(np.isnan(last_a), np.inf, np.maximum(0.0, now - last_a))
-        age = np.where(np.isnan(since_a) | (pending_a == 0), 0.0, np.maximum(0.0, now - since_a))
-        decay = np.where(np.isnan(at_a), 1.0, np.exp2(-np.maximum(0.0, now - at_a) / half_life_s))
-        tier_a = np.array(tier, dtype=object)
-        team_a = np.array(team, dtype=object)
-        is_team = tier_a == "team"
-        team_a[is_team] = np.array(ids, dtype=object)[is_team]  # a team model is in its own team
+            cursor = conn.connection.dbapi_connection.cursor()
+            try:
+                cursor.execute(_DEMAND_SQL)
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+        rec = np.array(rows, dtype=_DEMAND_DTYPE)
+        del rows
+        missing = lambda a: a < _NULL / 2  # noqa: E731 - the SQL's NULL sentinel
+        last, since, at = rec["last"], rec["since"], rec["usage_at"]
+        pending = rec["pending_tokens"].copy()
         return {
-            "model_id": np.array(ids, dtype=object),
-            "company": np.array(company, dtype=object),
-            "team": team_a,
-            "tier": tier_a,
-            "base": np.array(base, dtype=object),
-            "pending_tokens": pending_a,
-            "since_last_s": since_last,
-            "frozen": np.array(drift, dtype=object) == "frozen",
-            "waiting_cycles": np.array(waiting, dtype=np.int32),
-            "pending_age_s": age,
-            "usage_gpu_s": np.array(usage, dtype=np.float64) * decay,
-            "rank": np.array(rank, dtype=np.int16),
+            "model_id": rec["model_id"].copy(),
+            "company": rec["company"].copy(),
+            "team": rec["team"].copy(),
+            "tier": rec["tier"].copy(),
+            "base": rec["base"].copy(),
+            "pending_tokens": pending,
+            "since_last_s": np.where(missing(last), np.inf, np.maximum(0.0, now - last)),
+            "frozen": rec["frozen"].copy(),
+            "waiting_cycles": rec["waiting_cycles"].copy(),
+            "pending_age_s": np.where(missing(since) | (pending == 0), 0.0, np.maximum(0.0, now - since)),
+            "usage_gpu_s": rec["usage"]
+            * np.where(missing(at), 1.0, np.exp2(-np.maximum(0.0, now - at) / half_life_s)),
+            "rank": rec["rank"].copy(),
         }
 
     def demand_tenants(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:

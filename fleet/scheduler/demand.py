@@ -311,7 +311,11 @@ class Demand:
         names = sorted(set(comp_ids.tolist()) | set(companies))
         comp_index = {c: i for i, c in enumerate(names)}
         company = np.fromiter((comp_index[c] for c in comp_ids.tolist()), dtype=np.int32, count=n)
-        team_col = ["" if t is None else str(t) for t in cols.get("team", [None] * n)]
+        raw_team = cols.get("team", [None] * n)
+        if isinstance(raw_team, np.ndarray) and raw_team.dtype == object and not (raw_team == None).any():  # noqa: E711
+            team_col = raw_team.tolist()  # the registry's column: strings already, "" for none
+        else:
+            team_col = ["" if t is None else str(t) for t in raw_team]
         team_names = sorted({t for t in team_col if t} | set(teams))
         team_index = {t: i for i, t in enumerate(team_names)}
         team = np.fromiter((team_index[t] if t else -1 for t in team_col), dtype=np.int32, count=n)
@@ -322,13 +326,16 @@ class Demand:
                 raise ValidationError(f"team {t!r} belongs to no known company")
             team_company[i] = comp_index[owner]
         tier_col = cols.get("tier", [2] * n)
-        if isinstance(tier_col, np.ndarray) and tier_col.dtype == object:
+        if isinstance(tier_col, np.ndarray) and tier_col.dtype.kind in "iu":
+            tiers = tier_col
+        elif isinstance(tier_col, np.ndarray) and tier_col.dtype == object:
             tiers = np.full(n, -1, dtype=np.int8)
             for name, code in TIER_CODE.items():
                 tiers[tier_col == name] = code
         else:
             tiers = [TIER_CODE.get(str(x), x) for x in tier_col]
-        base_col = [str(b) for b in cols.get("base", ["default"] * n)]
+        raw_base = cols.get("base", ["default"] * n)
+        base_col = raw_base.tolist() if isinstance(raw_base, np.ndarray) else [str(b) for b in raw_base]
         base_names = sorted(set(base_col)) or ["default"]
         base_index = {b: i for i, b in enumerate(base_names)}
 
@@ -399,8 +406,8 @@ def load_demand(cfg: Any, registry: Any = None, *, now: float | None = None) -> 
         info["usage_gpu_s"] = decayed.get(cid, 0.0)
         info["spent_gpu_s"] = spent.get(cid, 0.0)
     # Tiers also weigh urgency: the tier's configured weight multiplies each model's.
-    weights = {t: cfg.tier(t).weight for t in TIERS}
-    cols["weight"] = [weights[t] for t in cols["tier"]]
+    weights = np.array([cfg.tier(t).weight for t in TIERS], dtype=np.float64)  # by tier code
+    cols["weight"] = weights[np.asarray(cols["tier"], dtype=np.int64)]
     if registry is None:
         reg.close()
     return Demand.from_columns(cols, companies=companies, teams=teams)
