@@ -10,7 +10,7 @@ import psutil
 import pytest
 import torch
 from _tiny import one_thread, random_lora, tiny_llama
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
 
@@ -21,7 +21,7 @@ N_IND, N_TEAM, N_CO = 64, 4, 2
 RANKS = (1, 2, 3, 4, 8, 16)
 MAX_RANK = 16
 SEQ_LEN, N_SEQS = 9, 6
-REL_TOL = 5e-5  # float32 through 4 layers, different summation order than PEFT; a wrong scale is ~1e-1
+REL_TOL = 1e-5
 
 
 def small_llama(seed: int = 0):
@@ -146,6 +146,7 @@ def test_any_mixed_batch_matches_peft_row_by_row(oracle: Oracle, rows, t: int) -
     rslora=st.booleans(),
     seed=st.integers(0, 99),
 )
+@example(rank=1, alpha=32.0, rslora=False, seed=1)  # the largest scale: float32 rounding near 1e-5
 def test_any_rank_matches_peft(
     oracle: Oracle, tmp_path_factory, rank: int, alpha: float, rslora: bool, seed: int
 ) -> None:
@@ -158,7 +159,16 @@ def test_any_rank_matches_peft(
             ref = peft_model(input_ids=oracle.seqs).logits
             with oracle.engine.rows([[slot]] * N_SEQS):
                 out = oracle.engine.model(input_ids=oracle.seqs).logits
-        assert float((out - ref).abs().max() / ref.abs().max()) <= REL_TOL
+        rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
+        if rel(out, ref) > REL_TOL:
+            # Large deltas (alpha/r up to 32 here) put float32 rounding above 1e-5 for PEFT itself:
+            # then the engine must be as close to the exact (float64) logits as PEFT is.
+            with torch.no_grad():
+                exact = peft_model.double()(input_ids=oracle.seqs).logits
+            assert rel(out.double(), exact) <= max(REL_TOL, 2 * rel(ref.double(), exact)), (
+                rel(out, ref),
+                rel(ref.double(), exact),
+            )
     finally:
         oracle.engine.unload("hyp")
 
