@@ -40,6 +40,7 @@ def demo_config(cfg: FleetConfig) -> FleetConfig:
         cfg.scheduler.inventory = [SliceSpec(profile="cpu", count=1)]
         cfg.train.cpus_per_worker = float(max(1, os.cpu_count() or 1))
         cfg.scheduler.reserve_serving_fraction = 0.0
+    cfg.train.rows_per_member = 3  # measured: the same recall as 4 rows, a quarter less work
     for tier in cfg.tiers.values():
         tier.min_interval_s = 0.0  # the demo's second cycle follows the first at once
         # Half the tier's steps at twice the rate: the demo's two cycles fit in minutes on two CPUs.

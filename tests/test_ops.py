@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import make_config
+from conftest import free_port, make_config
 
 from fleet.context import Fleet
 from fleet.data.synth import synthetic_org
@@ -38,14 +38,32 @@ def fl(tmp_path_factory, tiny_base, org):
     fleet.close()
 
 
+METRICS: dict[str, int] = {}
+
+
 @pytest.fixture(scope="module")
 def ray_dashboard(fl):
+    """A local Ray with its dashboard (Jobs API) and Prometheus export on known ports."""
+    import os
+
     import ray
 
-    from fleet._ray import ensure_ray
+    from fleet._ray import ray_env
 
-    url = ensure_ray(fl.cfg, dashboard=True)
-    yield url
+    os.environ.update(ray_env(fl.cfg))
+    METRICS["port"] = free_port()
+    ctx = ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_port=free_port(),
+        namespace=fl.cfg.ray.namespace,
+        log_to_driver=False,
+        _metrics_export_port=METRICS["port"],
+        _system_config={"metrics_report_interval_ms": 1000},
+        runtime_env={"env_vars": ray_env(fl.cfg)},
+    )
+    url = ctx.dashboard_url
+    yield url if url.startswith("http") else f"http://{url}"
     ray.shutdown()
 
 
@@ -98,6 +116,39 @@ def test_killed_cycle_then_rerun_publishes_every_member_once(fl, org, ray_dashbo
     # Nothing new arrived: the next cycle schedules nothing.
     again = run_cycle(fl, steps=STEPS)
     assert again.summary.get("packs", 0) == 0 and again.summary["scheduled"] == 0
+
+
+def test_control_loop_metrics_reach_prometheus(fl, org, ray_dashboard):
+    """The cycles above recorded scheduler, training and cycle metrics in this process; Ray's
+    Prometheus export on this node serves them, with bounded tags only (never a model id)."""
+    import re
+    import urllib.request
+
+    want = {
+        "ray_fleet_scheduler_queue_depth",
+        "ray_fleet_scheduler_scheduled_models",
+        "ray_fleet_scheduler_fairness_jain",
+        "ray_fleet_train_gpu_seconds_total",
+        "ray_fleet_train_runs_total",
+        "ray_fleet_train_members_total",
+        "ray_fleet_cycles_total",
+    }
+    deadline, found, text = time.time() + 60, set(), ""
+    while time.time() < deadline and found != want:
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{METRICS['port']}/metrics", timeout=5).read().decode()
+        )
+        found = {n for n in want if re.search(rf"^{n}[{{ ]", text, re.M)}
+        time.sleep(1)
+    assert found == want, sorted(want - found)
+    fleet_lines = [line for line in text.splitlines() if line.startswith("ray_fleet_")]
+    assert any(
+        'tier="individual"' in line for line in fleet_lines if line.startswith("ray_fleet_train_gpu_seconds")
+    )
+    assert any(
+        'status="succeeded"' in line for line in fleet_lines if line.startswith("ray_fleet_cycles_total")
+    )
+    assert not [line for line in fleet_lines for m in org.model_ids if f'"{m}"' in line]
 
 
 def test_eval_trained_beats_base(fl, facts, untrained_eval, ray_dashboard):
