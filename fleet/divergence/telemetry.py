@@ -11,8 +11,7 @@ locally without a cluster): the registry still holds every sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from fleet._metrics import Spec, make_metrics
 from fleet.types import TIERS
 
 ALLOWED_TAGS = frozenset({"tier", "base_model", "relation", "action"})
@@ -21,15 +20,6 @@ RELATIONS = ("base", "parent")
 _KL = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 2.0, 5.0, 10.0)
 _REL = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 _TOP1 = (0.2, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0)
-
-
-@dataclass(frozen=True)
-class Spec:
-    kind: str  # counter | histogram
-    name: str
-    description: str
-    tag_keys: tuple[str, ...]
-    boundaries: tuple[float, ...] = ()
 
 
 # fmt: off
@@ -62,21 +52,7 @@ class DriftTelemetry:
 
     def _metrics(self) -> dict[str, object] | None:
         if self._m is None and _ray_connected():
-            from ray.util import metrics
-
-            made: dict[str, object] = {}
-            for spec in SPECS.values():
-                assert set(spec.tag_keys) <= ALLOWED_TAGS, spec.name
-                if spec.kind == "counter":
-                    made[spec.name] = metrics.Counter(
-                        spec.name, description=spec.description, tag_keys=spec.tag_keys
-                    )
-                else:
-                    made[spec.name] = metrics.Histogram(
-                        spec.name, description=spec.description, boundaries=list(spec.boundaries),
-                        tag_keys=spec.tag_keys,
-                    )  # fmt: skip
-            self._m = made
+            self._m = make_metrics(SPECS.values(), ALLOWED_TAGS)
         return self._m
 
     @staticmethod

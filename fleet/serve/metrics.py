@@ -7,22 +7,13 @@ Per-model figures live in the registry and the logs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from fleet._metrics import Spec, make_metrics
 
 ALLOWED_TAGS = frozenset({"deployment", "tier", "status"})
 TIERS = ("company", "team", "individual", "unknown")
 
 _MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000]
 _ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-
-
-@dataclass(frozen=True)
-class Spec:
-    kind: str  # counter | histogram
-    name: str
-    description: str
-    tag_keys: tuple[str, ...]
-    boundaries: tuple[float, ...] = ()
 
 
 # fmt: off
@@ -50,23 +41,10 @@ class ServeMetrics:
     """The metrics of one Serve deployment's replica (created inside the replica's process)."""
 
     def __init__(self, deployment: str) -> None:
-        from ray.util import metrics
-
         self.deployment = deployment
-        self._m = {}
-        for spec in SPECS.values():
-            assert set(spec.tag_keys) <= ALLOWED_TAGS, spec.name
-            if spec.kind == "counter":
-                metric = metrics.Counter(spec.name, description=spec.description, tag_keys=spec.tag_keys)
-            else:
-                metric = metrics.Histogram(
-                    spec.name,
-                    description=spec.description,
-                    boundaries=list(spec.boundaries),
-                    tag_keys=spec.tag_keys,
-                )
+        self._m = make_metrics(SPECS.values(), ALLOWED_TAGS)
+        for metric in self._m.values():
             metric.set_default_tags({"deployment": deployment})
-            self._m[spec.name] = metric
 
     # ------------------------------------------------------------------ ingress
     def request(
