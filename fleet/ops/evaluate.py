@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from fleet.errors import ValidationError
+from fleet.types import Level, level_of
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def evaluate(
     for f in facts:
         by_model.setdefault(f.model, []).append(f)
     known = {m.id for m in fl.registry.list_models()}
-    candidates = sorted(m for m in by_model if m in known and m.count("/") == 2)
+    candidates = sorted(m for m in by_model if m in known and level_of(m) is Level.INDIVIDUAL)
     if not candidates:
         raise ValidationError("none of the facts' models is an individual in this fleet's registry")
     rng = random.Random(seed)

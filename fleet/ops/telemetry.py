@@ -9,61 +9,33 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-TIERS = ("company", "team", "individual")
+from fleet._metrics import Spec, make_metrics
+from fleet.types import TIERS
+
 _SECONDS = [1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600, 7200]
+ALLOWED_TAGS = frozenset({"tier", "reason", "status", "outcome", "action"})
+
+# fmt: off
+SPECS: tuple[Spec, ...] = (
+    Spec("gauge", "fleet_scheduler_queue_depth", "Models with pending data left unscheduled by the last plan, by tier and reason.", ("tier", "reason")),
+    Spec("gauge", "fleet_scheduler_scheduled_models", "Models the last plan scheduled, by tier.", ("tier",)),
+    Spec("gauge", "fleet_scheduler_fairness_jain", "Jain's index of companies' decayed usage relative to their shares (1 = fair).", ()),
+    Spec("counter", "fleet_train_gpu_seconds", "GPU-seconds (full-H100 equivalents) used by training, by tier.", ("tier",)),
+    Spec("counter", "fleet_train_runs", "Training runs finished, by status.", ("status",)),
+    Spec("counter", "fleet_train_members", "Models trained, by tier and outcome (published, rejected).", ("tier", "outcome")),
+    Spec("counter", "fleet_train_tokens", "Tokens trained on, by tier.", ("tier",)),
+    Spec("histogram", "fleet_train_run_seconds", "Wall time of a pack's run.", (), tuple(_SECONDS)),
+    Spec("counter", "fleet_cycles", "Control-loop cycles finished, by status.", ("status",)),
+    Spec("histogram", "fleet_cycle_seconds", "Wall time of a cycle.", (), tuple(_SECONDS)),
+    Spec("counter", "fleet_cycle_drift_actions", "Drift actions taken after training, by kind.", ("action",)),
+)
+# fmt: on
 _metrics: dict[str, Any] = {}
 
 
 def _m() -> dict[str, Any]:
     if not _metrics:
-        from ray.util import metrics
-
-        _metrics.update(
-            queue=metrics.Gauge(
-                "fleet_scheduler_queue_depth",
-                description="Models with pending data left unscheduled by the last plan, by tier and reason.",
-                tag_keys=("tier", "reason"),
-            ),
-            scheduled=metrics.Gauge(
-                "fleet_scheduler_scheduled_models",
-                description="Models the last plan scheduled, by tier.",
-                tag_keys=("tier",),
-            ),
-            fairness=metrics.Gauge(
-                "fleet_scheduler_fairness_jain",
-                description="Jain's index of companies' decayed usage relative to their shares (1 = fair).",
-            ),
-            gpu_s=metrics.Counter(
-                "fleet_train_gpu_seconds",
-                description="GPU-seconds (full-H100 equivalents) used by training, by tier.",
-                tag_keys=("tier",),
-            ),
-            runs=metrics.Counter(
-                "fleet_train_runs", description="Training runs finished, by status.", tag_keys=("status",)
-            ),
-            members=metrics.Counter(
-                "fleet_train_members",
-                description="Models trained, by tier and outcome (published, rejected).",
-                tag_keys=("tier", "outcome"),
-            ),
-            tokens=metrics.Counter(
-                "fleet_train_tokens", description="Tokens trained on, by tier.", tag_keys=("tier",)
-            ),
-            run_s=metrics.Histogram(
-                "fleet_train_run_seconds", description="Wall time of a pack's run.", boundaries=_SECONDS
-            ),
-            cycles=metrics.Counter(
-                "fleet_cycles", description="Control-loop cycles finished, by status.", tag_keys=("status",)
-            ),
-            cycle_s=metrics.Histogram(
-                "fleet_cycle_seconds", description="Wall time of a cycle.", boundaries=_SECONDS
-            ),
-            actions=metrics.Counter(
-                "fleet_cycle_drift_actions",
-                description="Drift actions taken after training, by kind.",
-                tag_keys=("action",),
-            ),
-        )
+        _metrics.update(make_metrics(SPECS, ALLOWED_TAGS))
     return _metrics
 
 
@@ -88,19 +60,21 @@ def record_plan(demand, result) -> None:
     pending = demand.pending_tokens > 0
     for code, tier in enumerate(TIERS):
         in_tier = demand.tier == code
-        m["scheduled"].set(float(np.count_nonzero(in_tier & (reason == SCHEDULED))), tags={"tier": tier})
+        m["fleet_scheduler_scheduled_models"].set(
+            float(np.count_nonzero(in_tier & (reason == SCHEDULED))), tags={"tier": tier}
+        )
         for rc, name in enumerate(REASONS):
             if rc == SCHEDULED:
                 continue
             n = float(np.count_nonzero(in_tier & pending & (reason == rc)))
-            m["queue"].set(n, tags={"tier": tier, "reason": name})
+            m["fleet_scheduler_queue_depth"].set(n, tags={"tier": tier, "reason": name})
 
 
 def record_fairness(registry, cfg, now: float) -> float:
     usage = registry.decayed_usage(now=now, half_life_s=cfg.scheduler.usage_half_life_s)
     companies, _ = registry.demand_tenants()
     value = jain(usage, {c: float(v["share"]) for c, v in companies.items()})
-    _m()["fairness"].set(value)
+    _m()["fleet_scheduler_fairness_jain"].set(value)
     return value
 
 
@@ -108,25 +82,25 @@ def record_training(outcomes: Sequence[Any], gpu_s_by_tier: dict[str, float]) ->
     m = _m()
     for tier, s in gpu_s_by_tier.items():
         if s > 0 and math.isfinite(s):
-            m["gpu_s"].inc(s, tags={"tier": tier})
+            m["fleet_train_gpu_seconds"].inc(s, tags={"tier": tier})
     for o in outcomes:
-        m["runs"].inc(1, tags={"status": "failed" if o.error else "succeeded"})
+        m["fleet_train_runs"].inc(1, tags={"status": "failed" if o.error else "succeeded"})
         if o.seconds:
-            m["run_s"].observe(o.seconds)
+            m["fleet_train_run_seconds"].observe(o.seconds)
         for mo in o.members:
-            m["members"].inc(
+            m["fleet_train_members"].inc(
                 1, tags={"tier": mo.tier, "outcome": "published" if mo.published else "rejected"}
             )
             tok = mo.metrics.get("tokens", 0)
             if tok:
-                m["tokens"].inc(tok, tags={"tier": mo.tier})
+                m["fleet_train_tokens"].inc(tok, tags={"tier": mo.tier})
 
 
 def record_cycle(status: str, seconds: float, summary: dict[str, Any]) -> None:
     m = _m()
-    m["cycles"].inc(1, tags={"status": status})
-    m["cycle_s"].observe(seconds)
+    m["fleet_cycles"].inc(1, tags={"status": status})
+    m["fleet_cycle_seconds"].observe(seconds)
     for action in ("warned", "frozen", "rolled_back"):
         n = int(summary.get(action) or 0)
         if n:
-            m["actions"].inc(n, tags={"action": action})
+            m["fleet_cycle_drift_actions"].inc(n, tags={"action": action})

@@ -14,7 +14,7 @@ from rich.table import Table
 from fleet.errors import ValidationError
 from fleet.train.launch import Gate, PackOutcome, run_packs
 from fleet.train.pack import PackSpec, build_pack
-from fleet.types import RunStatus
+from fleet.types import TIERS, RunStatus, level_of
 
 
 def train_models(
@@ -91,7 +91,7 @@ def stages(packs: list[dict]) -> list[list[dict]]:
         budgets = p.get("token_budgets")
         by_level: dict[int, list[int]] = {}
         for i, m in enumerate(members):
-            by_level.setdefault(min(m.count("/"), 2), []).append(i)
+            by_level.setdefault(TIERS.index(level_of(m).value), []).append(i)
         for level, idx in sorted(by_level.items()):
             out[level].append(
                 {
