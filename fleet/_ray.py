@@ -50,6 +50,41 @@ def ray_env(cfg: FleetConfig) -> dict[str, str]:
     }
 
 
+TRAIN_CONTROLLER = "TrainController"
+
+
+def reclaim_train_reservations() -> list[str]:
+    """Remove the placement groups of Ray Train runs whose controller has died; returns their ids.
+
+    A run's controller removes its workers' placement group when the run ends. When the controller
+    itself dies (its cycle job stopped, its task cancelled), Ray Train's detached cleaner removes it
+    only if the State API can tell it the controller is dead, and Ray itself only when the job that
+    created it ends: until then the reservation keeps its CPUs and GPUs from every later pack.
+    Only groups created by a dead Train controller are touched; Serve's and detached ones never.
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached:
+            continue
+        creator = ray.ActorID(pg.creator_actor_id)
+        if creator.is_nil():
+            continue
+        actor = state.actor_table(creator.hex())
+        if actor.get("ActorClassName", "").rsplit(".", 1)[-1] != TRAIN_CONTROLLER:
+            continue
+        if actor.get("State") != "DEAD" and not pg.creator_actor_dead:
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+        removed.append(pg.placement_group_id.hex())
+    return removed
+
+
 def _dashboard_url() -> str | None:
     url = _STATE.get("dashboard_url")
     if url and not url.startswith("http"):

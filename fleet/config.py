@@ -172,6 +172,9 @@ class TrainConfig(_Section):
     """Gate: held-out loss must fall by more than this (nats) to publish."""
     seed: int = 0
     """Seed for data order and fresh adapter initialisation."""
+    start_timeout_s: float = Field(900.0, gt=0)
+    """A pack run whose worker cannot be placed for this long, while none of its cycle's packs is
+    training, fails with what it asked for and what the cluster has free (instead of waiting forever)."""
     controller_poll_s: float = Field(0.25, gt=0, le=60)
     """How often Ray Train's controller polls a pack's workers (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S).
     Ray's default, 2 s, adds seconds to the start and end of every pack's run."""

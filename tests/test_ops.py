@@ -4,6 +4,7 @@ a Tune sweep whose winner training then uses, and `fleet eval` on untrained vs t
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from conftest import free_port, make_config
@@ -29,6 +30,7 @@ def fl(tmp_path_factory, tiny_base, org):
         scheduler={"inventory": [{"profile": "cpu", "count": 2}], "reserve_serving_fraction": 0.0},
         tiers={t: {"min_interval_s": 0.0} for t in ("company", "team", "individual")},
         sweep={"report_every": 2},
+        train={"checkpoint_every": 5, "start_timeout_s": 180},
     )
     fleet = Fleet(cfg)
     for t in org.tenants:
@@ -90,12 +92,12 @@ def test_killed_cycle_then_rerun_publishes_every_member_once(fl, org, ray_dashbo
     assert meta["models"] == len(org.model_ids) and meta["packs"] >= 1
     info = client.get_job_info(name)
     assert info.metadata["cycle_id"] == str(cycle_id)
+    runs_dir = Path(fl.cfg.runs_path)
     deadline = time.time() + 240
-    while time.time() < deadline:  # wait until its packs are training, then kill the cycle
-        runs = fl.registry.list_runs(cycle_id=cycle_id)
-        if runs and time.time() - min(r.started_at for r in runs) > 8:
+    while time.time() < deadline:  # wait until a pack has checkpointed mid-run, then kill the cycle
+        if list(runs_dir.glob(f"pack-{cycle_id}-*/checkpoint_*")):
             break
-        time.sleep(1)
+        time.sleep(0.5)
     else:
         pytest.fail(f"cycle job {name} never started training: {client.get_job_logs(name)[-2000:]}")
     client.stop_job(name)

@@ -182,3 +182,30 @@ def test_worker_killed_mid_run_resumes_and_publishes_once(fleet_env, org, pack_r
     )
     assert [len(fl.registry.versions(m)) for m in (a, b)] == [1, 1]
     assert all(mo.version is None for mo in again.members)
+
+
+def test_pack_that_cannot_be_placed_fails_clearly_and_frees_its_reservation(fleet_env, org, ray_local):
+    """A pack asking for more than the cluster has: its run fails after the start timeout with
+    what it asked for and what is free, nothing is published, and the placement group its dead
+    Train controller left pending is removed (else it would take the CPUs as soon as they free)."""
+    import dataclasses
+
+    import ray
+
+    from fleet.train.launch import run_packs
+
+    fl = fleet_env
+    member = org.individuals[2]
+    spec = build_pack(fl, [member], cycle_id=9, index=0, steps=5)
+    spec = dataclasses.replace(spec, resources={"CPU": 64.0})
+    (outcome,) = run_packs(fl, [spec], start_timeout_s=15)
+    assert outcome.status is RunStatus.FAILED
+    assert "could not start within 15 s" in outcome.error and "64 CPU" in outcome.error
+    assert "of 2 CPU" in outcome.error and "train.start_timeout_s" in outcome.error
+    assert fl.registry.versions(member) == []
+    assert fl.registry.get_run(outcome.run_id).status == "failed"
+    groups = ray.util.placement_group_table().values()
+    asked = [g for g in groups if g["bundles"] and g["bundles"][0].get("CPU") == 64.0]
+    assert asked, "the run never reached Ray Train's placement group"
+    assert all(g["state"] == "REMOVED" for g in asked)
+    assert ray.available_resources().get("CPU") == 2.0

@@ -165,19 +165,27 @@ def run_packs(
     console=None,
     on_progress: Callable[[dict[str, dict]], None] | None = None,
     poll_s: float = 0.5,
+    start_timeout_s: float | None = None,
 ) -> list[PackOutcome]:
-    """Train every pack (concurrently), then publish each member that passes every gate."""
+    """Train every pack (concurrently), then publish each member that passes every gate.
+
+    Packs queue for their slices; a pack that cannot be placed for ``start_timeout_s`` (default
+    ``train.start_timeout_s``) while none of these packs is training fails with what it asked for
+    and what the cluster has free, instead of waiting forever.
+    """
     import ray
 
-    from fleet._ray import ensure_ray
+    from fleet._ray import ensure_ray, reclaim_train_reservations
 
     cfg = fl.cfg
     ensure_ray(cfg)
+    start_timeout_s = cfg.train.start_timeout_s if start_timeout_s is None else start_timeout_s
+    _reclaim(reclaim_train_reservations, console)
     board = _progress_board().remote()
     storage_path, storage_fs = _storage(cfg)
     fit = ray.remote(num_cpus=0, max_retries=0)(_fit)
     gates = [heldout_gate(cfg.train.min_heldout_improvement), *gates]
-    running: dict[Any, tuple[PackSpec, int, float]] = {}
+    running: dict[Any, tuple[PackSpec, int, float, dict]] = {}
     for pack in packs:
         run_id = fl.registry.create_run(
             pack.name,
@@ -197,15 +205,28 @@ def run_packs(
             use_gpu,
             cfg.train.max_failures,
         )
-        running[ref] = (pack, run_id, time.time())
+        running[ref] = (pack, run_id, time.time(), res)
     outcomes: list[PackOutcome] = []
     pending = list(running)
+    stalled_since, reclaimed_at = time.time(), time.time()
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=poll_s)
+        board_state = ray.get(board.all.remote())
         if on_progress is not None:
-            on_progress(ray.get(board.all.remote()))
+            on_progress(board_state)
+        unplaced = [r for r in pending if running[r][0].name not in board_state]
+        if done or len(unplaced) < len(pending):
+            stalled_since = time.time()  # a pack is training, or one just ended: the queue moves
+        elif time.time() - stalled_since > start_timeout_s:
+            outcomes += _give_up(fl, unplaced, running, start_timeout_s)
+            pending = [r for r in pending if r not in unplaced]
+            _reclaim(reclaim_train_reservations, console, settle_s=10.0)
+        elif time.time() - reclaimed_at > 10.0:  # a run that died may still hold a slice
+            reclaimed_at = time.time()
+            if _reclaim(reclaim_train_reservations, console):
+                stalled_since = time.time()
         for ref in done:
-            pack, run_id, t0 = running[ref]
+            pack, run_id, t0, _ = running[ref]
             try:
                 out = ray.get(ref)
             except Exception as exc:  # the run failed beyond its retries: nothing is published
@@ -279,6 +300,52 @@ def publish(fl, pack: PackSpec, run_id: int, out: dict[str, Any], gates: Sequenc
     return PackOutcome(
         pack.name, run_id, RunStatus.SUCCEEDED, 0.0, steps=int(out["metrics"]["step"]), members=members
     )
+
+
+def _give_up(fl, refs, running, timeout_s: float) -> list[PackOutcome]:
+    """Cancel pack runs that could not be placed; record each as failed with what to fix."""
+    import ray
+
+    free, total = ray.available_resources(), ray.cluster_resources()
+    outcomes = []
+    for ref in refs:
+        pack, run_id, t0, asked = running[ref]
+        ray.cancel(ref, force=True)  # its Train controller dies with the task
+        asked = _resources_text(asked)
+        err = (
+            f"pack {pack.name} could not start within {timeout_s:g} s: its worker asks for {asked}; "
+            f"the cluster has {_resources_text(free, total)} free. Free or add a slice that fits, "
+            "or raise train.start_timeout_s where nodes take longer to join"
+        )
+        fl.registry.finish_run(run_id, RunStatus.FAILED, error=err)
+        outcomes.append(PackOutcome(pack.name, run_id, RunStatus.FAILED, time.time() - t0, error=err))
+    ray.wait(list(refs), num_returns=len(refs), timeout=10.0)
+    return outcomes
+
+
+def _resources_text(res: dict[str, float], total: dict[str, float] | None = None) -> str:
+    keys = [
+        k
+        for k in sorted(res if total is None else total)
+        if not k.startswith(("node:", "memory", "object_store"))
+    ]
+    if total is None:
+        return ", ".join(f"{res[k]:g} {k}" for k in keys) or "nothing"
+    return ", ".join(f"{res.get(k, 0):g} of {total[k]:g} {k}" for k in keys) or "nothing"
+
+
+def _reclaim(reclaim, console, settle_s: float = 0.0) -> list[str]:
+    """Free slices held by Train runs whose controller died (waiting up to ``settle_s`` for one
+    just cancelled to be seen dead)."""
+    deadline = time.time() + settle_s
+    while True:
+        removed = reclaim()
+        if removed or time.time() >= deadline:
+            break
+        time.sleep(0.5)
+    if removed and console is not None:
+        console.print(f"freed {len(removed)} slice reservation(s) left by Train runs that died")
+    return removed
 
 
 def _describe(exc: BaseException) -> str:

@@ -33,6 +33,9 @@ def train_pack_loop(config: dict[str, Any]) -> None:
     """Ray Train's entry point: resume from the run's checkpoint if there is one, report to it."""
     import ray.train
 
+    progress = config.get("progress")
+    if progress is not None:  # the worker is placed: the run has started
+        progress.update.remote(config["pack"]["name"], {"phase": "setup", "pid": os.getpid()})
     state = None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -43,7 +46,7 @@ def train_pack_loop(config: dict[str, Any]) -> None:
         FleetConfig.model_validate(config["cfg"]),
         state=state,
         report=_train_report,
-        progress=config.get("progress"),
+        progress=progress,
         eval_every=int(config.get("eval_every") or 0),
         kl_lambda=config.get("kl_lambda"),
     )
@@ -204,23 +207,17 @@ def run_pack(
                     "elapsed_s": time.time() - t0,
                 },
             )
-        if done % cfg.train.checkpoint_every == 0 and done < total:
-            _report(
-                engine,
-                opt,
-                members,
-                keys,
-                streams,
-                before,
-                done,
-                tokens,
-                {"step": done, "loss": _mean(last_loss)},
-                report=report,
-            )
-        elif eval_every and done % eval_every == 0 and done < total:
-            # Sweeps: the objective as training goes, so that ASHA can stop a bad trial early.
-            now = evaluate(engine, model, data, slot_rows, pad, device)
-            report({"step": done, "loss": _mean(last_loss), **_objective(now, kl_lambda)}, None, None)
+        checkpoint = done % cfg.train.checkpoint_every == 0 and done < total
+        if checkpoint or (eval_every and done % eval_every == 0 and done < total):
+            now = {"step": done, "loss": _mean(last_loss)}
+            if eval_every:
+                # Sweeps: the objective as training goes, so that ASHA can stop a bad trial early;
+                # every report carries it (Tune refuses a result without its metric).
+                now.update(_objective(evaluate(engine, model, data, slot_rows, pad, device), kl_lambda))
+            if checkpoint:
+                _report(engine, opt, members, keys, streams, before, done, tokens, now, report=report)
+            else:
+                report(now, None, None)
 
     model.eval()
     train_s = time.perf_counter() - t_train

@@ -173,6 +173,8 @@ def _run_with_progress(fl, specs: list[PackSpec], console: Console | None, gates
                     prog.update(
                         tasks[name], completed=st["step"], info=f"loss {st.get('loss', float('nan')):.3f}"
                     )
+                elif name in tasks:
+                    prog.update(tasks[name], info=st.get("phase", "starting"))
 
         outcomes = run_packs(fl, specs, gates=gates, on_progress=show)
         for o in outcomes:
