@@ -30,6 +30,7 @@ def collect_status(fl, *, serving: bool = True) -> dict[str, Any]:
                     k: c["summary"].get(k)
                     for k in ("packs", "trained", "published", "rejected", "rolled_back")
                 },
+                "problems": _cycle_problems(reg, c),
             }
             for c in reg.list_cycles(limit=5)
         ],
@@ -108,6 +109,18 @@ def serving_summary(cfg, *, timeout: float = 2.0) -> dict[str, Any]:
     return out
 
 
+def _cycle_problems(reg, cycle: dict[str, Any]) -> list[str]:
+    """Why a cycle failed: its own error, an interruption, and each failed pack run's error."""
+    if cycle["status"] != "failed":
+        return []
+    summary = cycle["summary"] or {}
+    out = [summary["error"]] if summary.get("error") else []
+    if summary.get("interrupted"):
+        out.append("interrupted: its job ended mid-way; the next cycle plans what it left pending")
+    out += [f"{r.name}: {r.error}" for r in reg.list_runs(cycle_id=cycle["id"]) if r.status == "failed"]
+    return out
+
+
 def _schedule(reg, tier: str) -> dict[str, Any] | None:
     s = reg.tier_schedule(tier)
     return {"version": s["version"], "params": s["params"], "source": s["source"]} if s else None
@@ -158,6 +171,9 @@ def render_status(st: dict[str, Any], console: Console) -> None:
                 ),
             )
         console.print(ct)
+        for c in st["cycles"]:
+            for problem in c.get("problems") or []:
+                console.print(f"  [red]cycle {c['id']}[/]: {problem[:400]}")
     sv = st.get("serving")
     if sv:
         api = (

@@ -86,6 +86,7 @@ def untrained_eval(fl, facts):
 def test_killed_cycle_then_rerun_publishes_every_member_once(fl, org, ray_dashboard, untrained_eval):
     from fleet.ops.cycle import run_cycle
     from fleet.ops.jobs import job_client, submit_cycle, wait_job
+    from fleet.status import collect_status
 
     client = job_client(fl.cfg, ray_dashboard)
     cycle_id, name, meta = submit_cycle(fl, client, config_path=None, steps=STEPS)
@@ -106,6 +107,13 @@ def test_killed_cycle_then_rerun_publishes_every_member_once(fl, org, ray_dashbo
 
     out = run_cycle(fl, steps=STEPS)  # the next cycle picks up what is still pending
     assert fl.registry.get_cycle(cycle_id)["status"] == "failed"  # marked interrupted
+    killed_runs = fl.registry.list_runs(cycle_id=cycle_id)
+    assert killed_runs and {r.status for r in killed_runs} <= {"failed", "succeeded"}
+    st = collect_status(fl, serving=False)
+    (killed,) = [c for c in st["cycles"] if c["id"] == cycle_id]
+    assert any(p.startswith("interrupted") for p in killed["problems"])
+    text = _render(st)
+    assert f"cycle {cycle_id}: interrupted" in text
     assert out.summary["failed_packs"] == 0
     for m in org.model_ids:
         versions = fl.registry.versions(m)
@@ -118,6 +126,18 @@ def test_killed_cycle_then_rerun_publishes_every_member_once(fl, org, ray_dashbo
     # Nothing new arrived: the next cycle schedules nothing.
     again = run_cycle(fl, steps=STEPS)
     assert again.summary.get("packs", 0) == 0 and again.summary["scheduled"] == 0
+
+
+def _render(st) -> str:
+    import io
+
+    from rich.console import Console
+
+    from fleet.status import render_status
+
+    buf = io.StringIO()
+    render_status(st, Console(file=buf, width=200, color_system=None))
+    return buf.getvalue()
 
 
 def test_control_loop_metrics_reach_prometheus(fl, org, ray_dashboard):

@@ -29,9 +29,14 @@ class CycleOutcome:
 
 
 def _close_interrupted(reg) -> None:
+    """Mark cycles (and their pack runs) whose job ended mid-way as failed; what they left
+    pending is planned again, and nothing they did not publish was published."""
     for c in reg.list_cycles(limit=20):
         if c["status"] == RunStatus.RUNNING.value:
             reg.finish_cycle(c["id"], RunStatus.FAILED, {**(c["summary"] or {}), "interrupted": True})
+        for run in reg.list_runs(cycle_id=c["id"]):
+            if run.status == RunStatus.RUNNING.value:
+                reg.finish_run(run.id, RunStatus.FAILED, error="interrupted: its cycle's job ended first")
 
 
 def plan_cycle(fl, *, now: float | None = None, inventory=None):
@@ -169,7 +174,10 @@ def execute_cycle(
         if console is not None and outcomes:
             render_outcomes(outcomes, console)
     except BaseException as exc:
-        reg.finish_cycle(cycle_id, RunStatus.FAILED, {**summary, "error": str(exc)[:500]})
+        why = {"error": str(exc)[:500] or type(exc).__name__}
+        if not isinstance(exc, Exception):  # stopped (a signal, Ctrl-C): what is pending stays so
+            why["interrupted"] = True
+        reg.finish_cycle(cycle_id, RunStatus.FAILED, {**summary, **why})
         raise
     seconds = time.time() - t0
     summary["seconds"] = round(seconds, 2)
