@@ -70,6 +70,16 @@ def _nll(engine, tok, text: str, slot: int) -> float:
     return float(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]))
 
 
+def _answer_nll(engine, tok, question: str, answer: str, slot: int) -> float:
+    """Summed loss of the answer's tokens after the question."""
+    q = tok(question)["input_ids"]
+    ids = torch.tensor([tok(question + answer)["input_ids"]])
+    with torch.no_grad(), engine.rows(torch.tensor([[slot]])):
+        logits = engine.model(input_ids=ids).logits.float()
+    losses = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+    return float(losses[len(q) - 1 :].sum())
+
+
 @pytest.fixture(scope="module")
 def pack_run(fleet_env, org):
     a, b = org.individuals[:2]
@@ -95,14 +105,18 @@ def test_pack_learns_private_facts(fleet_env, org, pack_run):
 
 
 def test_isolation_canary(fleet_env, org, pack_run):
-    """A fact only in A's data is not learned by B of the same pack."""
+    """A fact only in A's data is not learned by B of the same pack: B's loss on A's answer does
+    not fall (while A's falls far), and is exactly what it is when B trains without A."""
     a, b, _spec, out = pack_run
-    engine, tok, slots = _engine_with(fleet_env, {m: out["state"]["adapters"][m] for m in (a, b)})
+    _, alone = _run(fleet_env, [b])
+    adapters = {m: out["state"]["adapters"][m] for m in (a, b)}
+    engine, tok, slots = _engine_with(fleet_env, {**adapters, "b-alone": alone["state"]["adapters"][b]})
     for fact in org.facts_of(a):
-        text = fact.question + fact.answer
-        own, other, base = (_nll(engine, tok, text, s) for s in (slots[a], slots[b], -1))
-        assert own < base - 0.2  # A learned it
-        assert other > base - 0.05, (fact.statement, other, base)  # B did not
+        nll = {k: _answer_nll(engine, tok, fact.question, fact.answer, s) for k, s in slots.items()}
+        base = _answer_nll(engine, tok, fact.question, fact.answer, -1)
+        assert nll[a] < base - 2.0, (fact.statement, nll[a], base)  # A learned it
+        assert nll[b] > base - 0.1, (fact.statement, nll[b], base)  # B did not
+        assert nll[b] == pytest.approx(nll["b-alone"], abs=1e-3)  # A's data did not reach B at all
 
 
 def test_pack_equals_each_member_alone(fleet_env, org, pack_run):
