@@ -198,6 +198,9 @@ class SliceSpec(_Section):
 class SchedulerConfig(_Section):
     cycle_s: float = Field(600.0, gt=0)
     """Length of one scheduling cycle."""
+    cycle_heartbeat_s: float = Field(30.0, gt=0)
+    """A running cycle records that it is alive this often. One silent for 4× this is taken as
+    interrupted (its job died); no new cycle starts while one is alive."""
     usage_half_life_s: float = Field(7 * 86400.0, gt=0)
     """Half-life of the decayed usage in the fair-share factor F = 2^(-U/S)."""
     reserve_serving_fraction: float = Field(0.25, ge=0, lt=1)

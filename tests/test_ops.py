@@ -105,7 +105,10 @@ def test_killed_cycle_then_rerun_publishes_every_member_once(fl, org, ray_dashbo
     assert wait_job(client, name, timeout_s=120) in ("STOPPED", "FAILED")
     half = {m: len(fl.registry.versions(m)) for m in org.model_ids}
 
-    out = run_cycle(fl, steps=STEPS)  # the next cycle picks up what is still pending
+    # The next cycle (a job, as `fleet run` submits it) picks up what is still pending.
+    next_id, next_name, _ = submit_cycle(fl, client, config_path=None, steps=STEPS)
+    assert wait_job(client, next_name, timeout_s=500) == "SUCCEEDED", client.get_job_logs(next_name)[-3000:]
+    out = fl.registry.get_cycle(next_id)["summary"]
     assert fl.registry.get_cycle(cycle_id)["status"] == "failed"  # marked interrupted
     killed_runs = fl.registry.list_runs(cycle_id=cycle_id)
     assert killed_runs and {r.status for r in killed_runs} <= {"failed", "succeeded"}
@@ -114,12 +117,12 @@ def test_killed_cycle_then_rerun_publishes_every_member_once(fl, org, ray_dashbo
     assert any(p.startswith("interrupted") for p in killed["problems"])
     text = _render(st)
     assert f"cycle {cycle_id}: interrupted" in text
-    assert out.summary["failed_packs"] == 0
+    assert out["failed_packs"] == 0
     for m in org.model_ids:
         versions = fl.registry.versions(m)
         assert len(versions) == 1, (m, versions, half)
         assert versions[0].state in (AdapterState.ACTIVE, AdapterState.REJECTED)
-    assert out.summary["published"] + sum(half.values()) >= len(org.individuals)
+    assert out["published"] + sum(half.values()) >= len(org.individuals)
     usage = fl.registry.usage_since(0)
     assert set(usage) == set(org.companies) and all(v > 0 for v in usage.values())
 
@@ -208,3 +211,27 @@ def test_sweep_applies_a_schedule_that_training_uses(fl, ray_dashboard, tmp_path
     pack = build_pack(fl, [fl.registry.list_models(tier="individual")[0].id], cycle_id=99, index=0)
     assert pack.members[0].learning_schedule.lr == pytest.approx(res.best["params"]["lr"])
     assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_live_cycle_blocks_the_next_and_a_silent_one_is_closed(fl):
+    """Two cycles at once would train the same pending data: a cycle whose heartbeat is fresh
+    stops the next from starting; one silent for four beats (its process died) is closed."""
+    from fleet.errors import ConflictError
+    from fleet.ops.cycle import prepare_cycle
+
+    reg = fl.registry
+    live = reg.start_cycle()
+    with pytest.raises(ConflictError, match=f"cycle {live} is still running.*fleet-cycle-{live}"):
+        prepare_cycle(fl)
+    run_id = reg.create_run(f"pack-{live}-0", base_model=fl.base_name, members=[], cycle_id=live)
+    reg.beat_cycle(live, at=reg.now() - 4 * fl.cfg.scheduler.cycle_heartbeat_s - 1)
+    new_id, _ = prepare_cycle(fl)
+    try:
+        closed = reg.get_cycle(live)
+        assert closed["status"] == "failed" and closed["summary"]["interrupted"] is True
+        assert reg.get_run(run_id).status == "failed" and "interrupted" in reg.get_run(run_id).error
+        assert reg.get_cycle(new_id)["status"] == "running"
+    finally:
+        from fleet.types import RunStatus
+
+        reg.finish_cycle(new_id, RunStatus.SUCCEEDED, {})

@@ -2,8 +2,9 @@
 
 A cycle is safe to kill at any point: publication is one registry transaction per pack,
 so nothing is ever half-published, and whatever a killed cycle did not publish is still
-pending for the next one, which plans it again. A cycle left ``running`` by a killed
-process is marked ``interrupted`` when the next one starts.
+pending for the next one, which plans it again. A running cycle records a heartbeat every
+``scheduler.cycle_heartbeat_s``; one silent for four beats (its process was killed) is marked
+``interrupted`` when the next one starts, and no cycle starts while another is alive.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fleet.errors import ValidationError
+from fleet.errors import ConflictError, ValidationError
 from fleet.types import RunStatus
 
 
@@ -28,15 +29,35 @@ class CycleOutcome:
     packs: list[Any] = field(default_factory=list)
 
 
-def _close_interrupted(reg) -> None:
-    """Mark cycles (and their pack runs) whose job ended mid-way as failed; what they left
-    pending is planned again, and nothing they did not publish was published."""
+def _close_interrupted(fl) -> None:
+    """Mark cycles (and their pack runs) whose process ended mid-way as failed; what they left
+    pending is planned again, and nothing they did not publish was published. A cycle that is
+    still alive stops a new one from starting: two would train the same pending data."""
+    reg = fl.registry
+    stale_s = 4 * fl.cfg.scheduler.cycle_heartbeat_s
     for c in reg.list_cycles(limit=20):
         if c["status"] == RunStatus.RUNNING.value:
-            reg.finish_cycle(c["id"], RunStatus.FAILED, {**(c["summary"] or {}), "interrupted": True})
-        for run in reg.list_runs(cycle_id=c["id"]):
-            if run.status == RunStatus.RUNNING.value:
-                reg.finish_run(run.id, RunStatus.FAILED, error="interrupted: its cycle's job ended first")
+            silent = reg.now() - (c.get("heartbeat_at") or c["started_at"])
+            if silent < stale_s:
+                raise ConflictError(
+                    f"cycle {c['id']} is still running (alive {silent:.0f} s ago): wait for it to end, "
+                    f"or stop its job (`ray job stop fleet-cycle-{c['id']}`) and retry"
+                )
+            mark_interrupted(reg, c)
+        else:
+            _close_runs(reg, c["id"])  # a cycle that recorded its own end before its runs'
+
+
+def mark_interrupted(reg, cycle: dict[str, Any]) -> None:
+    """Close a cycle whose process is gone, and its pack runs."""
+    reg.finish_cycle(cycle["id"], RunStatus.FAILED, {**(cycle["summary"] or {}), "interrupted": True})
+    _close_runs(reg, cycle["id"])
+
+
+def _close_runs(reg, cycle_id: int) -> None:
+    for run in reg.list_runs(cycle_id=cycle_id):
+        if run.status == RunStatus.RUNNING.value:
+            reg.finish_run(run.id, RunStatus.FAILED, error="interrupted: its cycle's job ended first")
 
 
 def plan_cycle(fl, *, now: float | None = None, inventory=None):
@@ -115,7 +136,7 @@ def _telemetry(fn) -> None:
 def prepare_cycle(fl, *, now: float | None = None, inventory=None) -> tuple[int, Any]:
     """Open a cycle and store its plan in the registry (what its Ray job will train)."""
     reg = fl.registry
-    _close_interrupted(reg)
+    _close_interrupted(fl)
     now = time.time() if now is None else now
     cycle_id = reg.start_cycle()
     try:
@@ -147,7 +168,7 @@ def execute_cycle(
 ) -> CycleOutcome:
     """Train a prepared cycle's packs, record usage, let ``after_training(fl, cycle_id, outcomes)``
     score drift and act on it (its counts join the cycle's summary), and close the cycle."""
-    from fleet.train.runner import render_outcomes, summary_of, train_packs
+    from fleet.train.runner import heartbeat, render_outcomes, summary_of, train_packs
 
     reg = fl.registry
     row = reg.get_cycle(cycle_id)
@@ -158,27 +179,28 @@ def execute_cycle(
             f"cycle {cycle_id} has no stored plan; start cycles with `fleet run` or `fleet cycle`"
         )
     t0 = row["started_at"]
-    try:
-        packs_in = plan.get("packs", [])
-        outcomes, specs = (
-            train_packs(fl, packs_in, cycle_id=cycle_id, steps=steps, console=console, gates=gates)
-            if packs_in
-            else ([], [])
-        )
-        summary.update(summary_of(outcomes))
-        summary["gpu_s"] = round(record_usage(fl, outcomes, specs, time.time()), 3)
-        if after_training is not None:
-            summary.update(after_training(fl, cycle_id, outcomes) or {})
-        summary.setdefault("rolled_back", 0)
-        status = RunStatus.FAILED if summary.get("failed_packs") else RunStatus.SUCCEEDED
-        if console is not None and outcomes:
-            render_outcomes(outcomes, console)
-    except BaseException as exc:
-        why = {"error": str(exc)[:500] or type(exc).__name__}
-        if not isinstance(exc, Exception):  # stopped (a signal, Ctrl-C): what is pending stays so
-            why["interrupted"] = True
-        reg.finish_cycle(cycle_id, RunStatus.FAILED, {**summary, **why})
-        raise
+    with heartbeat(reg, cycle_id, fl.cfg.scheduler.cycle_heartbeat_s):
+        try:
+            packs_in = plan.get("packs", [])
+            outcomes, specs = (
+                train_packs(fl, packs_in, cycle_id=cycle_id, steps=steps, console=console, gates=gates)
+                if packs_in
+                else ([], [])
+            )
+            summary.update(summary_of(outcomes))
+            summary["gpu_s"] = round(record_usage(fl, outcomes, specs, time.time()), 3)
+            if after_training is not None:
+                summary.update(after_training(fl, cycle_id, outcomes) or {})
+            summary.setdefault("rolled_back", 0)
+            status = RunStatus.FAILED if summary.get("failed_packs") else RunStatus.SUCCEEDED
+            if console is not None and outcomes:
+                render_outcomes(outcomes, console)
+        except BaseException as exc:
+            why = {"error": str(exc)[:500] or type(exc).__name__}
+            if not isinstance(exc, Exception):  # stopped (a signal, Ctrl-C): what is pending stays so
+                why["interrupted"] = True
+            reg.finish_cycle(cycle_id, RunStatus.FAILED, {**summary, **why})
+            raise
     seconds = time.time() - t0
     summary["seconds"] = round(seconds, 2)
     reg.finish_cycle(cycle_id, status, summary)

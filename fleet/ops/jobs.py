@@ -98,10 +98,30 @@ def wait_job(
         time.sleep(poll_s)
 
 
+def reap_ended_cycles(fl, client) -> list[int]:
+    """Close running cycles whose job has already ended (stopped, killed) without recording it,
+    so that the next cycle need not wait for their heartbeat to go stale."""
+    from fleet.ops.cycle import mark_interrupted
+
+    closed = []
+    for c in fl.registry.list_cycles(limit=20):
+        if c["status"] != "running":
+            continue
+        try:
+            status = str(client.get_job_status(f"fleet-cycle-{c['id']}")).split(".")[-1]
+        except Exception:  # noqa: BLE001 - not a job (an in-process cycle), or not submitted yet
+            continue
+        if status in TERMINAL:
+            mark_interrupted(fl.registry, c)
+            closed.append(c["id"])
+    return closed
+
+
 def submit_cycle(fl, client, *, config_path: str | None, steps: int | None = None) -> tuple[int, str, dict]:
     """Plan a cycle here, then submit its execution as the job ``fleet-cycle-<n>``."""
     from fleet.ops.cycle import prepare_cycle
 
+    reap_ended_cycles(fl, client)
     cycle_id, result = prepare_cycle(fl)
     packs = result.packs
     members = sum(len(p.members) for p in packs)

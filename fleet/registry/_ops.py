@@ -112,10 +112,22 @@ class OpsMixin(RegistryCore):
     # -- cycles ------------------------------------------------------------------------------
     def start_cycle(self) -> int:
         with self.tx() as conn:
+            now = self.now()
             res = conn.execute(
-                CYCLES.insert().values(status=RunStatus.RUNNING.value, summary={}, started_at=self.now())
+                CYCLES.insert().values(
+                    status=RunStatus.RUNNING.value, summary={}, started_at=now, heartbeat_at=now
+                )
             )
             return int(res.inserted_primary_key[0])
+
+    def beat_cycle(self, cycle_id: int, at: float | None = None) -> None:
+        """A running cycle says it is alive (``at``: when; default now)."""
+        with self.tx() as conn:
+            conn.execute(
+                update(CYCLES)
+                .where(CYCLES.c.id == cycle_id)
+                .values(heartbeat_at=self.now() if at is None else at)
+            )
 
     def finish_cycle(self, cycle_id: int, status: RunStatus, summary: dict[str, Any]) -> None:
         with self.tx() as conn:

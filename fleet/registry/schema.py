@@ -191,6 +191,7 @@ class Cycle(Base):
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     started_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float)
 
 
 class Usage(Base):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -56,13 +58,38 @@ def train_plan_file(
     return _train(fl, packs, steps=steps, console=console, gates=gates)
 
 
+@contextmanager
+def heartbeat(reg, cycle_id: int, every_s: float) -> Iterator[None]:
+    """Record the cycle's heartbeat every ``every_s`` while the block runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                reg.beat_cycle(cycle_id)
+            except Exception:  # noqa: BLE001 - a missed beat is retried; the cycle goes on
+                import logging
+
+                logging.getLogger(__name__).warning("cycle %s: heartbeat failed", cycle_id, exc_info=True)
+
+    reg.beat_cycle(cycle_id)
+    thread = threading.Thread(target=beat, name=f"fleet-cycle-{cycle_id}-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def _train(fl, packs: list[dict], *, steps, console, gates, cycle_id: int | None = None) -> list[PackOutcome]:
     own_cycle = cycle_id is None
     if own_cycle:
         cycle_id = fl.registry.start_cycle()
     t0 = time.time()
     try:
-        outcomes, _ = train_packs(fl, packs, cycle_id=cycle_id, steps=steps, console=console, gates=gates)
+        with heartbeat(fl.registry, cycle_id, fl.cfg.scheduler.cycle_heartbeat_s):
+            outcomes, _ = train_packs(fl, packs, cycle_id=cycle_id, steps=steps, console=console, gates=gates)
     except Exception as exc:
         if own_cycle:
             fl.registry.finish_cycle(cycle_id, RunStatus.FAILED, {"kind": "train", "error": str(exc)[:500]})
