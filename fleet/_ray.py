@@ -75,10 +75,10 @@ def reclaim_train_reservations() -> list[str]:
         creator = ray.ActorID(pg.creator_actor_id)
         if creator.is_nil():
             continue
-        actor = state.actor_table(creator.hex())
+        actor = state.actor_table(creator.hex())  # {} once Ray has forgotten a long-dead actor
         if actor.get("ActorClassName", "").rsplit(".", 1)[-1] != TRAIN_CONTROLLER:
             continue
-        if actor.get("State") != "DEAD" and not pg.creator_actor_dead:
+        if actor.get("State") != "DEAD":  # alive, or restarting: its run still owns the group
             continue
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
         removed.append(pg.placement_group_id.hex())
