@@ -221,7 +221,9 @@ def test_a_live_cycle_blocks_the_next_and_a_silent_one_is_closed(fl):
 
     reg = fl.registry
     live = reg.start_cycle()
-    with pytest.raises(ConflictError, match=f"cycle {live} is still running.*fleet-cycle-{live}"):
+    with pytest.raises(
+        ConflictError, match=f"cycle {live} is still running.*ray job stop fleet-cycle-{live}"
+    ):
         prepare_cycle(fl)
     run_id = reg.create_run(f"pack-{live}-0", base_model=fl.base_name, members=[], cycle_id=live)
     reg.beat_cycle(live, at=reg.now() - 4 * fl.cfg.scheduler.cycle_heartbeat_s - 1)
@@ -235,3 +237,21 @@ def test_a_live_cycle_blocks_the_next_and_a_silent_one_is_closed(fl):
         from fleet.types import RunStatus
 
         reg.finish_cycle(new_id, RunStatus.SUCCEEDED, {})
+
+
+def test_of_two_cycles_started_at_once_the_older_goes_on(fl, monkeypatch):
+    """Both processes checked before either had registered its cycle (the check skipped here to
+    play that interleaving): the one registered second yields and records why."""
+    import fleet.ops.cycle as cycle_mod
+    from fleet.errors import ConflictError
+    from fleet.types import RunStatus
+
+    reg = fl.registry
+    older = reg.start_cycle()
+    monkeypatch.setattr(cycle_mod, "_close_interrupted", lambda fl: None)
+    with pytest.raises(ConflictError, match=f"cycle {older} started at the same time"):
+        cycle_mod.prepare_cycle(fl)
+    (newer,) = [c for c in reg.list_cycles(limit=5) if c["id"] > older]
+    assert newer["status"] == "failed" and newer["summary"]["error"] == f"cycle {older} started first"
+    assert reg.get_cycle(older)["status"] == "running"
+    reg.finish_cycle(older, RunStatus.SUCCEEDED, {})

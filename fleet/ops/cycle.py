@@ -41,7 +41,7 @@ def _close_interrupted(fl) -> None:
             if silent < stale_s:
                 raise ConflictError(
                     f"cycle {c['id']} is still running (alive {silent:.0f} s ago): wait for it to end, "
-                    f"or stop its job (`ray job stop fleet-cycle-{c['id']}`) and retry"
+                    f"or stop it (a cycle's job: `ray job stop fleet-cycle-{c['id']}`) and retry"
                 )
             mark_interrupted(reg, c)
         else:
@@ -139,6 +139,13 @@ def prepare_cycle(fl, *, now: float | None = None, inventory=None) -> tuple[int,
     _close_interrupted(fl)
     now = time.time() if now is None else now
     cycle_id = reg.start_cycle()
+    # Two processes may both have found no live cycle: the older cycle goes on, this one yields.
+    first = [c["id"] for c in reg.list_cycles(limit=20) if c["id"] < cycle_id and c["status"] == "running"]
+    if first:
+        reg.finish_cycle(
+            cycle_id, RunStatus.FAILED, {"kind": "cycle", "error": f"cycle {first[-1]} started first"}
+        )
+        raise ConflictError(f"cycle {first[-1]} started at the same time and goes on; this one stopped")
     try:
         result = plan_cycle(fl, now=now, inventory=inventory)
     except BaseException as exc:
