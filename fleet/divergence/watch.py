@@ -60,7 +60,7 @@ def local_cluster(cfg) -> bool:
 
 def follow(client, name: str, emit: Callable[[str], None], *, poll_s: float = 2.0) -> str:
     """Print the job's new log lines until it ends; Ctrl-C stops the job. Returns its final status."""
-    from fleet.ops.jobs import TERMINAL, wait_job
+    from fleet.ops.jobs import TERMINAL, job_status, wait_job
 
     seen = 0
     try:
@@ -69,7 +69,7 @@ def follow(client, name: str, emit: Callable[[str], None], *, poll_s: float = 2.
             if len(logs) > seen:
                 emit(logs[seen:].rstrip("\n"))
                 seen = len(logs)
-            status = str(client.get_job_status(name)).split(".")[-1]
+            status = job_status(client, name)
             if status in TERMINAL:
                 return status
             time.sleep(poll_s)

@@ -82,13 +82,18 @@ def submit_job(
     )
 
 
+def job_status(client, submission_id: str) -> str:
+    """The job's status as its bare name (RUNNING, SUCCEEDED, STOPPED, …)."""
+    return str(client.get_job_status(submission_id)).split(".")[-1]
+
+
 def wait_job(
     client, submission_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None, on_poll=None
 ) -> str:
     """Poll a job until it ends (or ``timeout_s``); ``on_poll(status)`` runs after every poll."""
     t0 = time.time()
     while True:
-        status = str(client.get_job_status(submission_id)).split(".")[-1]
+        status = job_status(client, submission_id)
         if on_poll is not None:
             on_poll(status)
         if status in TERMINAL:
@@ -108,7 +113,7 @@ def reap_ended_cycles(fl, client) -> list[int]:
         if c["status"] != "running":
             continue
         try:
-            status = str(client.get_job_status(f"fleet-cycle-{c['id']}")).split(".")[-1]
+            status = job_status(client, f"fleet-cycle-{c['id']}")
         except Exception:  # noqa: BLE001 - not a job (an in-process cycle), or not submitted yet
             continue
         if status in TERMINAL:

@@ -175,12 +175,12 @@ def run_packs(
     """
     import ray
 
-    from fleet._ray import ensure_ray, reclaim_train_reservations
+    from fleet._ray import ensure_ray
 
     cfg = fl.cfg
     ensure_ray(cfg)
     start_timeout_s = cfg.train.start_timeout_s if start_timeout_s is None else start_timeout_s
-    _reclaim(reclaim_train_reservations, console)
+    _reclaim(console)
     board = _progress_board().remote()
     storage_path, storage_fs = _storage(cfg)
     fit = ray.remote(num_cpus=0, max_retries=0)(_fit)
@@ -220,10 +220,10 @@ def run_packs(
         elif time.time() - stalled_since > start_timeout_s:
             outcomes += _give_up(fl, unplaced, running, start_timeout_s)
             pending = [r for r in pending if r not in unplaced]
-            _reclaim(reclaim_train_reservations, console, settle_s=10.0)
+            _reclaim(console, settle_s=10.0)
         elif time.time() - reclaimed_at > 10.0:  # a run that died may still hold a slice
             reclaimed_at = time.time()
-            if _reclaim(reclaim_train_reservations, console):
+            if _reclaim(console):
                 stalled_since = time.time()
         for ref in done:
             pack, run_id, t0, _ = running[ref]
@@ -334,12 +334,14 @@ def _resources_text(res: dict[str, float], total: dict[str, float] | None = None
     return ", ".join(f"{res.get(k, 0):g} of {total[k]:g} {k}" for k in keys) or "nothing"
 
 
-def _reclaim(reclaim, console, settle_s: float = 0.0) -> list[str]:
+def _reclaim(console, settle_s: float = 0.0) -> list[str]:
     """Free slices held by Train runs whose controller died (waiting up to ``settle_s`` for one
     just cancelled to be seen dead)."""
+    from fleet._ray import reclaim_train_reservations
+
     deadline = time.time() + settle_s
     while True:
-        removed = reclaim()
+        removed = reclaim_train_reservations()
         if removed or time.time() >= deadline:
             break
         time.sleep(0.5)
