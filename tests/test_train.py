@@ -223,3 +223,63 @@ def test_pack_that_cannot_be_placed_fails_clearly_and_frees_its_reservation(flee
     assert asked, "the run never reached Ray Train's placement group"
     assert all(g["state"] == "REMOVED" for g in asked)
     assert ray.available_resources().get("CPU") == 2.0
+
+
+def test_a_failed_publication_fails_its_pack_only_and_leaves_nothing_staged(fleet_env, pack_run):
+    """A publication that raises (here: a gate whose store is unreachable, after one member of the
+    pack was already staged) fails that pack alone; the other pack is published as usual."""
+    import dataclasses
+    import time
+
+    from fleet.train.launch import finish_pack
+
+    fl = fleet_env
+    a, b, spec, out = pack_run
+    by_id = {m.model_id: m for m in spec.members}
+    fine = dataclasses.replace(spec, name="pack-77-0", members=(by_id[a],))
+    doomed = dataclasses.replace(spec, name="pack-77-1", members=(by_id[a], by_id[b]))
+
+    def gate(member, metrics, adapter):
+        if member.model_id == b:
+            raise RuntimeError("drift base norms: the adapter store is unreachable\n(details)")
+        return True, "fine"
+
+    result = {"members": out["members"], "adapters": out["state"]["adapters"], "metrics": out["metrics"]}
+    before = {m: len(fl.registry.versions(m)) for m in (a, b)}
+    outcomes = [
+        finish_pack(fl, p, fl.registry.create_run(p.name, base_model=p.base_model, members=[]), time.time(), result, [gate])
+        for p in (fine, doomed)
+    ]  # fmt: skip
+    assert [o.status for o in outcomes] == [RunStatus.SUCCEEDED, RunStatus.FAILED]
+    assert outcomes[1].error == (
+        "publication failed, nothing published: RuntimeError: drift base norms: the adapter store is unreachable"
+    )
+    assert fl.registry.get_run(outcomes[1].run_id).status == "failed"
+    assert {m: len(fl.registry.versions(m)) for m in (a, b)} == {a: before[a] + 1, b: before[b]}
+    assert not any((fl.store.root / ".staging").iterdir()), "the failed pack's staged objects were left"
+
+
+def test_fleet_train_publishes_through_the_cycle_path(fleet_env, org, ray_local, tmp_path):
+    """`fleet train` applies the divergence gate (a cap nothing can meet rejects the member, with a
+    drift action recorded) and records the GPU-seconds it used, as a cycle does."""
+    import time
+
+    import yaml
+
+    from fleet.cli import main
+
+    member = org.individuals[3]
+    cfg = fleet_env.cfg.model_copy(deep=True)
+    cfg.tiers["individual"].drift.max_rel_weight_norm = 1e-9
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    t0 = time.time()
+    assert main(["--config", str(path), "train", member, "--steps", "10", "--json"]) == 0
+    (version,) = fleet_env.registry.versions(member)
+    assert version.state is AdapterState.REJECTED and version.reason.startswith("drift cap:"), version.reason
+    actions = fleet_env.registry.drift_actions(model_id=member)
+    assert [x["action"] for x in actions] == ["reject"]
+    assert fleet_env.registry.usage_since(t0 - 1).get(member.split("/")[0], 0) > 0
+    cycle = fleet_env.registry.list_cycles(limit=1)[0]
+    assert cycle["summary"]["kind"] == "train" and cycle["summary"]["gpu_s"] > 0
+    assert cycle["summary"]["rejected"] == 1 and cycle["status"] == "succeeded"
