@@ -18,7 +18,6 @@ from fleet.errors import (
 )
 from fleet.registry import PublishRequest, Registry
 from fleet.store import LocalStore, open_store_uri, sha256_hex
-from fleet.store.gc import find_garbage, remove
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -172,6 +171,8 @@ def _leftovers(store, reg):
 
 
 def test_gc_removes_only_unreferenced_versions_and_staging_after_the_grace_period(store, tmp_path):
+    from fleet.store.gc import find_garbage, remove
+
     reg = Registry.open_url(f"sqlite:///{tmp_path / 'r.db'}")
     v1, staged = _leftovers(store, reg)
     now = time.time()
@@ -190,6 +191,8 @@ def test_gc_removes_only_unreferenced_versions_and_staging_after_the_grace_perio
 
 
 def test_gc_refuses_a_registry_that_is_not_the_stores(store, tmp_path):
+    from fleet.store.gc import find_garbage
+
     reg = Registry.open_url(f"sqlite:///{tmp_path / 'r.db'}")
     _leftovers(store, reg)
     empty = Registry.open_url(f"sqlite:///{tmp_path / 'empty.db'}")
