@@ -226,37 +226,50 @@ def test_pack_that_cannot_be_placed_fails_clearly_and_frees_its_reservation(flee
 
 
 def test_a_failed_publication_fails_its_pack_only_and_leaves_nothing_staged(fleet_env, pack_run):
-    """A publication that raises (here: a gate whose store is unreachable, after one member of the
-    pack was already staged) fails that pack alone; the other pack is published as usual."""
+    """A publication that fails — a gate that errs, or the store refusing a member's object after
+    another member of the pack was staged and moved — fails that pack alone, with nothing of it
+    published and nothing left staged; the other pack is published as usual."""
     import dataclasses
     import time
 
+    from fleet.store.gc import find_garbage
     from fleet.train.launch import finish_pack
 
     fl = fleet_env
     a, b, spec, out = pack_run
     by_id = {m.model_id: m for m in spec.members}
-    fine = dataclasses.replace(spec, name="pack-77-0", members=(by_id[a],))
-    doomed = dataclasses.replace(spec, name="pack-77-1", members=(by_id[a], by_id[b]))
+    packs = [dataclasses.replace(spec, name=f"pack-77-{i}", members=tuple(by_id[m] for m in ids))
+             for i, ids in enumerate([(a,), (b,), (a, b)])]  # fmt: skip
+
+    erring = {"now": True}
 
     def gate(member, metrics, adapter):
-        if member.model_id == b:
+        if member.model_id == b and erring["now"]:
             raise RuntimeError("drift base norms: the adapter store is unreachable\n(details)")
         return True, "fine"
 
     result = {"members": out["members"], "adapters": out["state"]["adapters"], "metrics": out["metrics"]}
     before = {m: len(fl.registry.versions(m)) for m in (a, b)}
-    outcomes = [
-        finish_pack(fl, p, fl.registry.create_run(p.name, base_model=p.base_model, members=[]), time.time(), result, [gate])
-        for p in (fine, doomed)
-    ]  # fmt: skip
-    assert [o.status for o in outcomes] == [RunStatus.SUCCEEDED, RunStatus.FAILED]
+    blocked = fl.store.root / b / f"v{before[b] + 1}"  # b's next version cannot be written
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_bytes(b"")
+    outcomes = []
+    for p, errs in zip(packs, (True, True, False), strict=True):  # the last pack fails in the store
+        erring["now"] = errs
+        run_id = fl.registry.create_run(p.name, base_model=p.base_model, members=[])
+        outcomes.append(finish_pack(fl, p, run_id, time.time(), result, [gate]))
+    assert [o.status for o in outcomes] == [RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.FAILED]
     assert outcomes[1].error == (
         "publication failed, nothing published: RuntimeError: drift base norms: the adapter store is unreachable"
     )
-    assert fl.registry.get_run(outcomes[1].run_id).status == "failed"
+    assert outcomes[2].error.startswith("publication failed, nothing published: NotADirectoryError"), outcomes[2]
+    assert [fl.registry.get_run(o.run_id).status for o in outcomes] == ["succeeded", "failed", "failed"]
     assert {m: len(fl.registry.versions(m)) for m in (a, b)} == {a: before[a] + 1, b: before[b]}
-    assert not any((fl.store.root / ".staging").iterdir()), "the failed pack's staged objects were left"
+    assert not any((fl.store.root / ".staging").iterdir()), "a failed pack's staged objects were left"
+    # What the failed transaction had already moved into place is garbage for `fleet store gc`.
+    left = find_garbage(fl.store, fl.registry.version_uris, grace_s=0, now=time.time() + 1)
+    assert [g.prefix for g in left] == [f"{a}/v{before[a] + 2}"]
+    blocked.unlink()
 
 
 def test_fleet_train_publishes_through_the_cycle_path(fleet_env, org, ray_local, tmp_path):

@@ -128,7 +128,6 @@ def validate_item(obj: Any, *, where: str, max_chars: int) -> dict[str, Any]:
         raise ValidationError(f"{where}: field 'meta' must be an object when present")
     if meta:
         _check_storable(meta, where, "meta")
-    if meta:
         for k in ("query", "answer"):
             if k in meta and (not isinstance(meta[k], str) or not meta[k].strip()):
                 raise ValidationError(f"{where}: field 'meta.{k}' must be a non-empty string")
@@ -182,9 +181,8 @@ def qa_pairs(text: str) -> list[tuple[str, str]]:
         q, a = lines[i][2:].strip(), answer[2:].strip()
         if answer.startswith("A:") and q and a:
             out.append((q, a))
-            i = j + 1
-        else:
-            i = j if j > i + 1 else i + 1
+            j += 1
+        i = j  # the line after the blank run is looked at next (it may ask a question itself)
     return out
 
 

@@ -276,37 +276,35 @@ def publish(fl, pack: PackSpec, run_id: int, out: dict[str, Any], gates: Sequenc
     all in one registry transaction (idempotent per run)."""
     from fleet.lora import AdapterWeights
 
-    requests, members = [], []
+    members, requests = [], []
+    for m in pack.members:  # every gate first: nothing is staged until all have answered
+        metrics = out["members"][m.model_id]
+        adapter = AdapterWeights.from_bytes(*out["adapters"][m.model_id])
+        ok, reasons = True, []
+        for gate in gates:
+            passed, why = gate(m, metrics, adapter)
+            reasons.append(why)
+            if not passed:
+                ok = False
+                break
+        members.append(MemberOutcome(m.model_id, m.tier, ok, None, "; ".join(reasons), metrics))
     try:
-        for m in pack.members:
-            metrics = out["members"][m.model_id]
-            config_b, weights_b = out["adapters"][m.model_id]
-            adapter = AdapterWeights.from_bytes(config_b, weights_b)
-            ok, reasons = True, []
-            for gate in gates:
-                passed, why = gate(m, metrics, adapter)
-                reasons.append(why)
-                if not passed:
-                    ok = False
-                    break
-            reason = "; ".join(reasons)
-            staged = fl.store.stage(m.model_id, config_b, weights_b)
+        for m, mo in zip(pack.members, members, strict=True):
             requests.append(
                 PublishRequest(
                     model_id=m.model_id,
-                    staged=staged,
+                    staged=fl.store.stage(m.model_id, *out["adapters"][m.model_id]),
                     rank=m.rank,
                     alpha=m.alpha,
                     base_model=pack.base_model,
-                    state=AdapterState.ACTIVE if ok else AdapterState.REJECTED,
+                    state=AdapterState.ACTIVE if mo.published else AdapterState.REJECTED,
                     parents=[a.key for a in m.ancestors],
-                    watermark=m.upto if ok else m.watermark,
-                    metrics=metrics,
-                    reason=None if ok else reason,
+                    watermark=m.upto if mo.published else m.watermark,
+                    metrics=mo.metrics,
+                    reason=None if mo.published else mo.reason,
                     run_id=run_id,
                 )
             )
-            members.append(MemberOutcome(m.model_id, m.tier, ok, None, reason, metrics))
         published = {v.model_id: v for v in fl.registry.publish_versions(fl.store, requests)}
     except BaseException:
         for r in requests:  # nothing was published: what this pack staged goes too
