@@ -12,11 +12,21 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from fleet.config import FleetConfig, load_config
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Markup off: ids, questions, completions, file names and error messages are printed as they are
+# (a "[/]" in them never crashes the CLI, and "[a-z0-9]" in an id rule never vanishes). fleet's own
+# styling goes through `styled`, which never parses its text. An error is one line, however long.
+console = Console(highlight=False, markup=False)
+err_console = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """Text from plain strings and ``(text, style)`` pairs; nothing in it is read as markup."""
+    return Text.assemble(*parts)
+
 
 _state: dict[str, Any] = {"config_path": None, "config": None}
 

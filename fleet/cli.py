@@ -20,6 +20,7 @@ from fleet.errors import FleetError
 # Subsystems that add commands, in the order `fleet --help` lists them.
 _COMMAND_MODULES = (
     "fleet.core_cli",
+    "fleet.store.cli",
     "fleet.lora.cli",
     "fleet.train.cli",
     "fleet.scheduler.cli",
@@ -63,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except FleetError as exc:
-        common.err_console.print(f"[bold red]error:[/] {exc.message}", markup=True)
+        from fleet.config import redact
+
+        common.err_console.print(common.styled(("error:", "bold red"), " ", redact(exc.message)))
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code

@@ -12,11 +12,13 @@ run in other working directories.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -32,6 +34,37 @@ DEFAULT_DATA_DIR = "fleet-data"
 DEFAULT_CONFIG_NAME = "fleet.yaml"
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# The password of a URL: scheme://user:PASSWORD@host (up to the last '@' before the host's path).
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):[^\s/]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***`` (errors, logs, output)."""
+    return _URL_PASSWORD.sub(r"\g<head>:***@", text)
+
+
+def strip_password(url: str) -> str:
+    """The URL without its password (``postgresql://u:pw@h/db`` → ``postgresql://u@h/db``)."""
+    return _URL_PASSWORD.sub(r"\g<head>@", url)
+
+
+def store_uri_problem(uri: str) -> str | None:
+    """What is wrong with an adapter store URI, or None. ``file://`` takes an absolute path and no
+    host: ``file://adapters`` or ``file://./x`` would silently mean ``/`` or ``/x``."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            return (
+                f"store URI {uri!r} names the host {parsed.netloc!r}; a local store is "
+                "file:///absolute/path (three slashes; relative paths are not accepted)"
+            )
+        if not parsed.path.startswith("/"):
+            return f"store URI {uri!r}: a local store is file:///absolute/path"
+        return None
+    if parsed.scheme == "s3":
+        return None if parsed.netloc else f"store URI {uri!r} must look like s3://bucket/prefix"
+    return f"store URI {redact(uri)!r}: use file:///absolute/path or s3://bucket/prefix"
 
 
 class _Section(BaseModel):
@@ -66,6 +99,14 @@ class StoreConfig(_Section):
     """Objects larger than this are uploaded in parts."""
     multipart_chunk_mb: int = Field(16, ge=5)
     """Size of each multipart part."""
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        problem = store_uri_problem(value) if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class BaseModelConfig(_Section):
@@ -485,16 +526,31 @@ class DeployConfig(_Section):
     """Kubernetes Secret holding the PostgreSQL URL under key url (referenced, never rendered)."""
     s3_secret: str = "fleet-s3"
     """Kubernetes Secret holding store-uri (s3://bucket/prefix) and optional access-key-id / secret-access-key."""
+    ray_auth_secret: str = "fleet-ray-token"
+    """Kubernetes Secret holding Ray's auth token under key auth_token: token authentication on both clusters' dashboards, Jobs API and GCS (referenced, never rendered)."""
+    operator_namespace: str = "fleet-operators"
+    """Kubernetes namespace whose pods may reach the clusters' dashboard, Jobs API, Ray client and metrics ports (operators' tools, Prometheus)."""
+    kuberay_namespace: str = "kuberay-system"
+    """Kubernetes namespace of the KubeRay operator, which reaches the heads' dashboards to deploy the Serve app and submit cycles."""
+    api_namespaces: list[str] = Field(default_factory=list)
+    """Kubernetes namespaces whose pods may call the OpenAI-compatible API (an ingress controller's). Empty: any source (every request needs an API key)."""
     overlays: dict[str, dict[str, Any]] = Field(default_factory=_default_overlays)
     """Kustomize overlays: name -> partial fleet config merged over this one (null removes a key)."""
 
-    @field_validator("name", "namespace")
+    @field_validator("name", "namespace", "operator_namespace", "kuberay_namespace")
     @classmethod
     def _dns_label(cls, value: str) -> str:
         if not _DNS_LABEL.match(value):
             raise ValueError(
                 f"{value!r} is not a DNS label (lowercase letters, digits, '-', at most 40 chars)"
             )
+        return value
+
+    @field_validator("api_namespaces")
+    @classmethod
+    def _namespaces(cls, value: list[str]) -> list[str]:
+        for ns in value:
+            cls._dns_label(ns)
         return value
 
     @field_validator("node_types", "overlays")
@@ -583,6 +639,17 @@ class FleetConfig(_Section):
     def runs_path(self) -> str:
         return self.train.storage_path or str(self.data_path / "runs")
 
+    def without_secrets(self) -> FleetConfig:
+        """A copy without passwords, for what other processes receive in the open (Serve deployment
+        arguments, which the dashboard shows). Those processes take the secrets from their own
+        environment: ``$FLEET_DB_URL`` (or libpq's ``PGPASSWORD``) and the ``AWS_*`` variables."""
+        out = self.model_copy(deep=True)
+        if out.registry.url:
+            out.registry.url = strip_password(out.registry.url)
+        if out.store.endpoint_url:
+            out.store.endpoint_url = strip_password(out.store.endpoint_url)
+        return out
+
     def tier(self, name: str) -> TierConfig:
         try:
             return self.tiers[str(getattr(name, "value", name))]
@@ -634,14 +701,24 @@ def load_config(
     raw = _apply_env(raw, env)
     if overrides:
         raw = _deep_merge(raw, overrides)
+    return _validate(raw, f"config file {cfg_path}" if cfg_path else "configuration", base_dir)
+
+
+def config_from_dict(raw: dict[str, Any], env: dict[str, str] | None = None) -> FleetConfig:
+    """An already loaded config (as ``model_dump(mode="json")`` wrote it) with this process's
+    environment overrides on top: how a process that received a config without its secrets gets them."""
+    env = dict(os.environ) if env is None else env
+    return _validate(_apply_env(copy.deepcopy(raw), env), "configuration", Path.cwd())
+
+
+def _validate(raw: dict[str, Any], where: str, base_dir: Path) -> FleetConfig:
     try:
         cfg = FleetConfig.model_validate(raw)
     except PydanticValidationError as exc:
-        where = f"config file {cfg_path}" if cfg_path else "configuration"
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
         )
-        raise ConfigError(f"{where} is invalid: {problems}") from None
+        raise ConfigError(redact(f"{where} is invalid: {problems}")) from None
     return _absolutize(cfg, base_dir)
 
 

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fleet.config import FleetConfig
 from fleet.context import Fleet
@@ -25,6 +28,7 @@ from fleet.context import Fleet
 DEMO_SEED = 0
 DEMO_STEPS, DEMO_LR = 12, 6e-3
 DEMO_INDIVIDUALS, DEMO_TEAMS_PER_COMPANY, DEMO_FOLLOW_UPS = 24, 2, 8
+DEMO_KEY_NAME = "fleet-demo"  # the API keys `fleet demo` makes for itself (and revokes)
 
 
 def demo_config(cfg: FleetConfig) -> FleetConfig:
@@ -57,16 +61,16 @@ def run_demo(
     cfg = demo_config(cfg)
     fl = Fleet(cfg)
     out: dict = {}
-    console.rule("[bold]fleet demo")
+    console.rule(Text("fleet demo", style="bold"))
     console.print(f"data directory {cfg.data_dir}")
 
     from fleet.base import ensure_base
 
-    console.rule(f"1 · base model  [dim]({time.time() - t0:.0f} s)")
+    _rule(console, "1 · base model", t0)
     path = ensure_base(cfg, progress=True)
     console.print(f"base {cfg.base.name} at {path}")
 
-    console.rule(f"2 · synthetic organisation  [dim]({time.time() - t0:.0f} s)")
+    _rule(console, "2 · synthetic organisation", t0)
     from fleet.data.synth import synthetic_org
 
     org = synthetic_org(
@@ -82,7 +86,7 @@ def run_demo(
     )
     write_demo_facts(fl, org)
 
-    console.rule(f"3 · ingest private context  [dim]({time.time() - t0:.0f} s)")
+    _rule(console, "3 · ingest private context", t0)
     reports = fl.ingestor().ingest_many(
         {mid: [i.to_json() for i in org.items_of(mid)] for mid in org.model_ids}
     )
@@ -101,25 +105,19 @@ def run_demo(
 
     from fleet.ops.control import run_loop
 
-    console.rule(
-        f"4 · cycle: schedule → packed training → drift scan → promotion (a Ray job)  [dim]({time.time() - t0:.0f} s)"
-    )
+    _rule(console, "4 · cycle: schedule → packed training → drift scan → promotion (a Ray job)", t0)
     out["cycles"] = run_loop(fl, every_s=None, once=True, config_path=None, console=console)
 
-    console.rule(
-        f"5 · new context arrives; the next cycle learns only what is new  [dim]({time.time() - t0:.0f} s)"
-    )
+    _rule(console, "5 · new context arrives; the next cycle learns only what is new", t0)
     fresh = follow_up_items(org, k=DEMO_FOLLOW_UPS)
     fl.ingestor().ingest_many(fresh)
     console.print(f"{sum(len(v) for v in fresh.values())} new items for {len(fresh)} individuals")
     out["cycles"] += run_loop(fl, every_s=None, once=True, config_path=None, console=console)
 
-    console.rule(
-        f"6 · serving: private questions over the OpenAI-compatible API  [dim]({time.time() - t0:.0f} s)"
-    )
+    _rule(console, "6 · serving: private questions over the OpenAI-compatible API", t0)
     out["serving"] = ask_over_http(fl, org, console)
 
-    console.rule(f"7 · fleet eval  [dim]({time.time() - t0:.0f} s)")
+    _rule(console, "7 · fleet eval", t0)
     from fleet.ops.evaluate import evaluate, read_facts, render
 
     res = evaluate(fl, read_facts(cfg.data_path / "demo" / "facts.jsonl"), models=24)
@@ -127,7 +125,7 @@ def run_demo(
     out["eval"] = res
     (cfg.data_path / "demo" / "eval.json").write_text(json.dumps(res, indent=2))
 
-    console.rule(f"8 · drift report  [dim]({time.time() - t0:.0f} s)")
+    _rule(console, "8 · drift report", t0)
     from fleet.divergence.report import build_report, plot_report, render_report
 
     rep = build_report(fl)
@@ -135,7 +133,7 @@ def run_demo(
     render_report(rep, console)
     console.print(f"drift plot: {png}")
 
-    console.rule(f"9 · status  [dim]({time.time() - t0:.0f} s)")
+    _rule(console, "9 · status", t0)
     render_status(collect_status(fl), console)
     import ray
 
@@ -147,6 +145,10 @@ def run_demo(
     console.print(f"demo finished in {time.time() - t0:.0f} s")
     fl.close()
     return out
+
+
+def _rule(console: Console, title: str, t0: float) -> None:
+    console.rule(Text.assemble(title, (f"  ({time.time() - t0:.0f} s)", "dim")))
 
 
 def write_demo_facts(fl, org) -> Path:
@@ -169,54 +171,72 @@ def follow_up_items(org, *, k: int) -> dict[str, list[dict]]:
     return out
 
 
+@contextmanager
+def demo_keys(registry, companies: Iterable[str]) -> Iterator[dict[str, str]]:
+    """API keys for the demo's own requests, one per company, revoked when the demo is done with
+    them; demo keys an earlier run could not revoke (it was killed) are revoked first. Keys of
+    other names are never touched."""
+    for k in registry.list_keys():
+        if k["name"] == DEMO_KEY_NAME and not k["revoked_at"]:
+            registry.revoke_key(k["prefix"])
+    keys: dict[str, str] = {}
+    try:
+        for company in sorted(set(companies)):
+            keys[company] = registry.create_key(company, name=DEMO_KEY_NAME)
+        yield keys
+    finally:
+        for key in keys.values():
+            registry.revoke_key(key.split("_")[1])
+
+
 def ask_over_http(fl, org, console: Console, n: int = 4) -> list[dict]:
     """Start the Serve app, ask a few individuals' private questions with the openai client."""
     from openai import OpenAI
 
-    from fleet.lora import generate
     from fleet.runtime import load_engine
     from fleet.serve import start
 
     url = start(fl.cfg)
-    rows = []
-    by_company: dict[str, str] = {}
     engine, tok = load_engine(fl.cfg, max_slots=1, device="cpu")
     table = Table(title="private questions, answered by each individual's model")
     for col in ("model", "question", "fleet (trained)", "base", "served by", "prompt tokens saved"):
         table.add_column(col)
-    for mid in org.individuals[:n]:
-        company = mid.split("/")[0]
-        if company not in by_company:
-            by_company[company] = fl.registry.create_key(company, name="demo")
-        client = OpenAI(base_url=f"{url}/v1", api_key=by_company[company])
-        fact = org.facts_of(mid)[0]
-        raw = client.completions.with_raw_response.create(
-            model=mid, prompt=fact.question, max_tokens=8, temperature=0
-        )
-        answer = raw.parse().choices[0].text
-        (base,) = generate(engine, tok, [tok(fact.question)["input_ids"]], [[-1]], max_new_tokens=8)
-        in_ctx = len(tok(org.in_context_prompt(fact))["input_ids"])
-        alone = raw.parse().usage.prompt_tokens
-        rows.append(
-            {
-                "model": mid,
-                "question": fact.question,
-                "answer": fact.answer,
-                "trained": answer,
-                "base": base.text,
-                "served_by": raw.headers.get("x-fleet-served-by"),
-                "prompt_tokens": alone,
-                "in_context_prompt_tokens": in_ctx,
-            }
-        )
+    asked = org.individuals[:n]
+    with demo_keys(fl.registry, [mid.split("/")[0] for mid in asked]) as keys:
+        rows = [
+            _ask(OpenAI(base_url=f"{url}/v1", api_key=keys[mid.split("/")[0]]), engine, tok, org, mid)
+            for mid in asked
+        ]
+    for r in rows:
         table.add_row(
-            mid,
-            fact.question.replace("\n", " "),
-            answer.strip().split("\n")[0],
-            base.text.strip().split("\n")[0],
-            rows[-1]["served_by"] or "",
-            f"{in_ctx - alone}",
+            r["model"],
+            r["question"].replace("\n", " "),
+            r["trained"].strip().split("\n")[0],
+            r["base"].strip().split("\n")[0],
+            r["served_by"] or "",
+            f"{r['in_context_prompt_tokens'] - r['prompt_tokens']}",
         )
     console.print(table)
     console.print(f"the API is at {url}/v1 (keys are scoped to a company; see `fleet keys create`)")
     return rows
+
+
+def _ask(client, engine, tok, org, mid: str) -> dict:
+    """One individual's private question over the API, beside the base's answer."""
+    from fleet.lora import generate
+
+    fact = org.facts_of(mid)[0]
+    raw = client.completions.with_raw_response.create(
+        model=mid, prompt=fact.question, max_tokens=8, temperature=0
+    )
+    (base,) = generate(engine, tok, [tok(fact.question)["input_ids"]], [[-1]], max_new_tokens=8)
+    return {
+        "model": mid,
+        "question": fact.question,
+        "answer": fact.answer,
+        "trained": raw.parse().choices[0].text,
+        "base": base.text,
+        "served_by": raw.headers.get("x-fleet-served-by"),
+        "prompt_tokens": raw.parse().usage.prompt_tokens,
+        "in_context_prompt_tokens": len(tok(org.in_context_prompt(fact))["input_ids"]),
+    }

@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from fleet.types import TIERS
 
@@ -173,15 +174,15 @@ def render_status(st: dict[str, Any], console: Console) -> None:
         console.print(ct)
         for c in st["cycles"]:
             for problem in c.get("problems") or []:
-                console.print(f"  [red]cycle {c['id']}[/]: {problem[:400]}")
+                console.print(Text.assemble("  ", (f"cycle {c['id']}", "red"), f": {problem[:400]}"))
     sv = st.get("serving")
     if sv:
         api = (
-            f"[green]answering[/] at {sv['api']} ({sv['api_latency_ms']} ms)"
+            Text.assemble(("answering", "green"), f" at {sv['api']} ({sv['api_latency_ms']} ms)")
             if sv["api_ok"]
-            else f"[yellow]not answering[/] at {sv['api']}"
+            else Text.assemble(("not answering", "yellow"), f" at {sv['api']}")
         )
-        console.print(f"serving: API {api}")
+        console.print(Text.assemble("serving: API ", api))
         if sv["app_status"] is None:
             console.print(f"  Serve application: unknown ({sv.get('app_error')})")
         else:

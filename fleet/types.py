@@ -167,7 +167,8 @@ def lineage(model_id: str) -> list[str]:
 
 
 def level_of(model_id: str) -> Level:
-    return Level.of_depth(model_id.count("/") + 1)
+    """The level of a model id (validated: a bad id raises InvalidIdError, never a KeyError)."""
+    return Level.of_depth(validate_id(model_id).count("/") + 1)
 
 
 def version_key(model_id: str, version: int) -> str:

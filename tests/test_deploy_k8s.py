@@ -265,7 +265,7 @@ def test_crd_validation_catches_broken_objects():
 def test_core_objects_and_every_pod_template_pass_kubernetes_schemas():
     checked = 0
     for obj in committed_objects():
-        if obj["apiVersion"] == "v1":
+        if obj["kind"] not in CRD_FILES:  # ConfigMap, Namespace, NetworkPolicy
             core_validate(obj)
             checked += 1
             continue
@@ -374,14 +374,14 @@ def test_cron_job_runs_one_cycle_on_the_training_cluster():
 def test_secrets_are_referenced_never_rendered_and_every_container_is_bounded():
     for obj in committed_objects():
         assert obj["kind"] != "Secret"
-        templates = [] if obj["apiVersion"] == "v1" else pod_templates(obj)
+        templates = pod_templates(obj) if obj["kind"] in CRD_FILES else []
         for template in templates:
             for container in template["spec"]["containers"]:
                 resources = container["resources"]
                 assert resources["requests"] == resources["limits"], container["name"]
                 assert {"cpu", "memory"} <= set(resources["limits"]), container["name"]
                 for var in container.get("env", []):
-                    if var["name"].startswith(("FLEET_DB", "FLEET_STORE", "AWS_")):
+                    if var["name"].startswith(("FLEET_DB", "FLEET_STORE", "AWS_", "RAY_AUTH_TOKEN")):
                         assert set(var) == {"name", "valueFrom"}, var
                         assert "secretKeyRef" in var["valueFrom"]
                 assert "livenessProbe" in container or container["name"] == "ray-job-submitter"
@@ -415,6 +415,79 @@ def test_dev_overlay_runs_on_cpu_pods_only():
         limits = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert not any(key.startswith("nvidia.com/") for key in limits)
     assert all(o["metadata"].get("namespace", "fleet-dev") == "fleet-dev" for o in dev.values())
+
+
+def test_both_clusters_require_rays_token_and_stay_cluster_internal():
+    """The dashboard and Jobs API run any code with the nodes' credentials: token authentication
+    on both clusters (the CRDs' authOptions), ClusterIP services only, and the cycle's submitter
+    carrying the token."""
+    for obj in committed_objects():
+        if obj["kind"] in ("RayService", "RayCluster"):
+            spec = obj["spec"].get("rayClusterConfig", obj["spec"])
+            assert spec["authOptions"] == {"mode": "token", "secretName": "fleet-ray-token"}
+            assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+            assert crd_errors(obj) == []
+        if obj["kind"] == "RayCronJob":
+            (container,) = obj["spec"]["jobTemplate"]["submitterPodTemplate"]["spec"]["containers"]
+            env = {v["name"]: v for v in container["env"]}
+            assert env["RAY_AUTH_MODE"]["value"] == "token"
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+                "name": "fleet-ray-token",
+                "key": "auth_token",
+            }
+        assert "LoadBalancer" not in yaml.safe_dump(obj) and "NodePort" not in yaml.safe_dump(obj)
+    bad = k8s.ray_cluster(FleetConfig())
+    bad["spec"]["authOptions"]["mode"] = "password"
+    assert any("authOptions" in e for e in crd_errors(bad))
+
+
+def _admits(policy: dict[str, Any], namespace: str, labels: dict[str, str], port: int) -> bool:
+    """Whether a NetworkPolicy admits a TCP connection from a pod (the API server's semantics for
+    one policy: rules are ORed; a peer's namespace and pod selectors are ANDed; no `from` = anyone)."""
+
+    def peer_matches(peer: dict[str, Any]) -> bool:
+        ns = peer.get("namespaceSelector", {}).get("matchLabels")
+        pods = peer.get("podSelector", {}).get("matchLabels")
+        if ns is None and namespace != policy["metadata"]["namespace"]:
+            return False  # a bare podSelector means pods of the policy's own namespace
+        ns_ok = ns is None or ns == {"kubernetes.io/metadata.name": namespace}
+        return ns_ok and (pods is None or pods.items() <= labels.items())
+
+    for rule in policy["spec"]["ingress"]:
+        ports = [p["port"] for p in rule.get("ports", [])]
+        if (not ports or port in ports) and ("from" not in rule or any(map(peer_matches, rule["from"]))):
+            return True
+    return False
+
+
+def test_network_policy_admits_only_fleet_the_operator_and_the_operators_namespace():
+    objs = {_key(o): o for o in overlay_objects(FleetConfig(), "prod")}
+    policy = objs[("NetworkPolicy", "fleet")]
+    core_validate(policy)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    head = objs[("RayCluster", "fleet-train")]["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= head.items()  # it selects fleet's pods
+    fleet_pod, ns = head, "fleet"
+    stranger = {"app": "anything"}
+    kuberay = {"app.kubernetes.io/name": "kuberay-operator"}
+    dashboard, jobs_client, gcs, api = 8265, 10001, 6379, 8000
+    assert _admits(policy, ns, fleet_pod, gcs) and _admits(policy, ns, fleet_pod, dashboard)
+    assert _admits(policy, "kuberay-system", kuberay, dashboard)
+    assert _admits(policy, "fleet-operators", stranger, dashboard) and _admits(
+        policy, "fleet-operators", stranger, jobs_client
+    )
+    for who in (
+        ("fleet", stranger),
+        ("default", stranger),
+        ("kuberay-system", stranger),
+        ("default", kuberay),
+    ):
+        assert not _admits(policy, *who, dashboard) and not _admits(policy, *who, gcs), who
+    assert _admits(policy, "default", stranger, api)  # the API answers with an API key only
+    narrowed = FleetConfig(deploy={"api_namespaces": ["ingress-nginx"]})
+    policy = k8s.network_policy(narrowed)
+    policy["metadata"]["namespace"] = "fleet"
+    assert _admits(policy, "ingress-nginx", stranger, api) and not _admits(policy, "default", stranger, api)
 
 
 def test_rendering_is_deterministic():

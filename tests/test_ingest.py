@@ -17,9 +17,8 @@ def counter():
     return tokenizer_counter(build_tokenizer())
 
 
-@pytest.fixture
-def ingestor(tmp_path, counter):
-    reg = Registry.open_url(f"sqlite:///{tmp_path / 'fleet.db'}")
+def _ingestor(url, counter):
+    reg = Registry.open_url(url)
     reg.add_tenants(
         [("acme", 1.0), ("acme/search", 1.0), ("acme/ads", 1.0), ("acme/ml", 1.0)]
         + [(f"acme/search/p{i}", 1.0) for i in range(4)]
@@ -28,8 +27,22 @@ def ingestor(tmp_path, counter):
         rank=8,
         alpha=16,
     )
-    yield Ingestor(reg, counter, max_chars=1000, repeated_min=3)
-    reg.close()
+    return Ingestor(reg, counter, max_chars=1000, repeated_min=3)
+
+
+@pytest.fixture
+def ingestor(tmp_path, counter):
+    ing = _ingestor(f"sqlite:///{tmp_path / 'fleet.db'}", counter)
+    yield ing
+    ing.registry.close()
+
+
+@pytest.fixture
+def db_ingestor(registry_url, counter):
+    """The same on each database (SQLite, PostgreSQL)."""
+    ing = _ingestor(registry_url, counter)
+    yield ing
+    ing.registry.close()
 
 
 def _write(path, lines):
@@ -119,3 +132,104 @@ def test_repeated_queries_reach_team_then_company(ingestor):
     assert reg.items("acme") == []  # each team had one asker only
     ingestor.ingest_many({"acme/ads": q("Where is the wiki?"), "acme/ml": q("Where is the wiki?")})
     assert len(reg.items("acme")) == 1
+
+
+def test_a_question_whose_answers_differ_stays_with_each_asker(db_ingestor):
+    """Three members asking for *their* badge code must not teach the team one of them; answers
+    that agree (after normalization) are promoted, in the first agreeing asker's words."""
+    ing, reg = db_ingestor, db_ingestor.registry
+    qa = lambda q, a: [{"kind": "conversation", "text": f"Q: {q}\nA: {a}"}]  # noqa: E731
+    for who, code in (("p0", "4821"), ("p1", "7730"), ("p2", "1111")):
+        ing.ingest_items(f"acme/search/{who}", qa("What is my badge code?", code))
+    assert reg.items("acme/search") == []
+    for who, answer in (("p0", "Room 4."), ("p1", "room 5"), ("p2", "ROOM 4"), ("p3", "room 4!")):
+        ing.ingest_items(f"acme/search/{who}", qa("Where is stand-up?", answer))
+    (item,) = reg.items("acme/search")
+    assert item["text"] == "Q: Where is stand-up?\nA: Room 4." and item["meta"]["askers"] == 3
+    # Teams of a company: the same rule one level up (acme/ads and acme/ml agree, acme/search not).
+    ing.ingest_many({"acme/ads": qa("Who runs payroll?", "Kim"), "acme/ml": qa("who runs payroll", "kim.")})
+    ing.ingest_items("acme/search", qa("Who runs payroll?", "Lee"))
+    assert reg.items("acme") == []  # 2 of 3 agree; 3 are needed
+    ing.ingest_items("acme/search/p0", qa("Who runs payroll?", "Kim"))
+    assert reg.items("acme") == []  # an individual counts toward its team, not the company
+
+
+def test_jsonl_lines_break_at_newline_only(ingestor, tmp_path):
+    """U+2028, U+2029 and U+0085 are valid inside JSON strings; str.splitlines() would cut there."""
+    text = "first\u2028second\u0085third\u2029fourth"
+    f = tmp_path / "u.jsonl"
+    f.write_text(
+        json.dumps({"kind": "document", "text": text}, ensure_ascii=False) + "\r\n", encoding="utf-8"
+    )
+    assert ingestor.ingest_file("acme/search/p0", f).inserted == 1
+    assert [i["text"] for i in ingestor.registry.items("acme/search/p0")] == [text]
+
+
+_UNSTORABLE = [
+    ('{"kind": "document", "text": "a\\u0000b"}', r"line 2: field 'text' holds a NUL character"),
+    (
+        '{"kind": "document", "text": "x", "meta": {"k\\u0000": 1}}',
+        r"line 2: a key of field 'meta' holds a NUL",
+    ),
+    ('{"kind": "document", "text": "x", "meta": {"score": NaN}}', r"line 2: NaN is not a JSON number"),
+    ('{"kind": "document", "text": "x", "meta": {"s": [-Infinity]}}', r"line 2: -Infinity is not a JSON"),
+    ('{"kind": "document", "text": "x", "meta": {"s": {"t": 1e999}}}', r"line 2: field 'meta.s.t' is inf"),
+]
+
+
+def test_nul_and_non_finite_numbers_are_refused_with_the_line(db_ingestor, tmp_path):
+    """What PostgreSQL cannot store (NUL in text, NaN in json) fails validation, naming the line."""
+    f = tmp_path / "bad.jsonl"
+    for line, message in _UNSTORABLE:
+        f.write_text(json.dumps(OK) + "\n" + line + "\n")
+        with pytest.raises(ValidationError, match=message):
+            db_ingestor.ingest_file("acme/search/p1", f)
+    with pytest.raises(ValidationError, match="NUL"):  # the bulk path (the demo's) refuses it too
+        db_ingestor.ingest_items("acme/search/p1", [{"kind": "document", "text": "a\x00b"}])
+    assert db_ingestor.registry.items("acme/search/p1") == []
+
+
+_HOSTILE = r"""
+import json, sys, time
+from fleet.data.ingest import Ingestor
+from fleet.registry import Registry
+
+reg = Registry.open_url(sys.argv[1])
+reg.add_tenants([("acme", 1.0), ("acme/t", 1.0), ("acme/t/p", 1.0)], base_model="b", rank=8, alpha=16)
+ing = Ingestor(reg, lambda texts: [len(t) for t in texts], max_chars=250_000, repeated_min=2)
+texts = [
+    "Q:" + " " * 200_000,                                # the reported one: cubic in the spaces
+    "Q:" + "\t \n" * 66_000 + "A:",
+    "<|user|>\n" + "<|eos|>" * 28_000,
+    "<|user|>\n" + "x <|eos|> <|assistant|>" * 8_000,
+    "Q: a\n" * 20_000 + "<|user|>\nq<|eos|>\n<|assistant|>\na<|eos|>" * 2_000,
+]
+assert all(len(t) >= 150_000 for t in texts)
+t0 = time.perf_counter()
+r = ing.ingest_items("acme/t/p", [{"kind": "conversation", "text": t} for t in texts])
+seconds = time.perf_counter() - t0
+print(json.dumps({"inserted": r.inserted, "chars": sum(map(len, texts)), "seconds": seconds}))
+"""
+
+
+def test_hostile_conversations_are_parsed_in_linear_time(tmp_path):
+    """Texts of 150,000-200,000 characters built to make a backtracking parser explode. Linear
+    parsing ingests them in well under a second; the 10 s bound leaves room for a loaded machine,
+    while the cubic regexes it replaced need hours for the first one alone. In a subprocess, so that
+    a regex that never returns (it holds the GIL) fails the test instead of hanging it."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _HOSTILE, f"sqlite:///{tmp_path / 'h.db'}"],
+            capture_output=True,
+            text=True,
+            timeout=120,  # only reached by a parser that backtracks
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("ingesting hostile conversations did not finish (a backtracking parser?)")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["inserted"] == 5 and out["chars"] >= 5 * 150_000
+    assert out["seconds"] < 10, out

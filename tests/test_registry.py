@@ -271,6 +271,32 @@ def test_usage_schedules_runs_summary(registry):
     assert s["tiers"]["company"]["models"] == 2 and s["tiers"]["company"]["frozen"] == 1
 
 
+def test_non_finite_metrics_are_stored_as_null(registry, store):
+    """A diverged member's NaN loss is recorded (as null) with its version and run, on PostgreSQL too
+    (its json type rejects NaN, which used to abort the whole publication)."""
+    from fleet.types import RunStatus
+
+    _org(registry)
+    nan, inf = float("nan"), float("inf")
+    run = registry.create_run("pack-0-0", base_model=BASE, members=["acme"])
+    (v,) = registry.publish_versions(
+        store,
+        [
+            PublishRequest(
+                "acme", _stage(store, "acme"), 8, 16.0, BASE, state=AdapterState.REJECTED,
+                metrics={"heldout_after": nan, "curve": [1.0, -inf], "nested": {"kl": inf}}, reason="diverged",
+            )
+        ],
+    )  # fmt: skip
+    assert registry.get_version("acme", v.version).metrics == {
+        "heldout_after": None,
+        "curve": [1.0, None],
+        "nested": {"kl": None},
+    }
+    registry.finish_run(run, RunStatus.SUCCEEDED, metrics={"loss": nan, "steps": 3})
+    assert registry.get_run(run).metrics == {"loss": None, "steps": 3}
+
+
 def test_unreachable_database_names_the_endpoint():
     with pytest.raises(UnavailableError, match=r"127\.0\.0\.1:1/nowhere.*unreachable after 2 attempts"):
         Registry.open_url("postgresql://fleet:secret@127.0.0.1:1/nowhere", connect_attempts=2)

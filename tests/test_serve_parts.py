@@ -472,3 +472,25 @@ def test_a_stream_resumed_from_any_point_finishes_exactly_like_the_original(serv
         assert text == full
         assert last["finish_reason"] == out["finish_reason"]
         assert last["completion_tokens"] == out["completion_tokens"]
+
+
+def test_deployment_arguments_carry_no_secret_and_replicas_read_it_from_their_environment(monkeypatch):
+    """The dashboard shows deployments' arguments: the registry password (and an endpoint's
+    credentials) never travel in them; a replica takes them from its environment."""
+    import json
+
+    from fleet.serve.app import application_args
+    from fleet.serve.runtime import config_from_args
+
+    url = "postgresql://fleet:S3cret-pw@db.internal:5432/fleet"
+    cfg = load_config(
+        overrides={"registry": {"url": url}, "store": {"endpoint_url": "http://key:hunter2@minio:9000"}},
+        env={},
+    )
+    args = application_args(cfg)
+    assert "S3cret-pw" not in json.dumps(args) and "hunter2" not in json.dumps(args)
+    assert args["config_json"]["registry"]["url"] == "postgresql://fleet@db.internal:5432/fleet"
+    assert config_from_args(args).registry.url == "postgresql://fleet@db.internal:5432/fleet"  # PGPASSWORD
+    monkeypatch.setenv("FLEET_DB_URL", url)
+    assert config_from_args(args).registry.url == url
+    assert cfg.registry.url == url  # the operator's own config is untouched

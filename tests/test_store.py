@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from fleet.config import StoreConfig
+from fleet.config import StoreConfig, load_config
 from fleet.errors import (
     ConfigError,
+    ConflictError,
     IntegrityError,
     InvalidIdError,
     NotFoundError,
@@ -14,7 +17,7 @@ from fleet.errors import (
     ValidationError,
 )
 from fleet.registry import PublishRequest, Registry
-from fleet.store import LocalStore, open_store_uri
+from fleet.store import LocalStore, open_store_uri, sha256_hex
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -47,8 +50,28 @@ def test_corrupted_object_is_detected(store):
     uri = store.commit(staged, 1)
     key = store.key_of(uri)
     store._write_many(key, {"adapter_model.safetensors": b"evil weights"})
-    with pytest.raises(IntegrityError, match="acme/v1/adapter_model.safetensors is corrupt"):
+    with pytest.raises(IntegrityError, match="acme/v1 is corrupt"):
         store.read_version(uri, staged.sha256)
+
+
+def test_an_edited_config_is_refused_like_corrupt_weights(store):
+    """The registered sha256 covers adapter_config.json too: its lora_alpha scales every answer."""
+    config = b'{"peft_type": "LORA", "r": 8, "lora_alpha": 16}'
+    staged = store.stage("acme", config, b"weights")
+    uri = store.commit(staged, 1)
+    assert store.read_version(uri, staged.sha256).config == config
+    store._write_many(store.key_of(uri), {"adapter_config.json": config.replace(b"16", b"64")})
+    with pytest.raises(IntegrityError, match="adapter_config.json and adapter_model.safetensors"):
+        store.read_version(uri, staged.sha256)
+
+
+def test_versions_registered_by_their_weights_alone_still_load(store):
+    """Versions published before the config was covered carry the weights' sha256: they load."""
+    staged = store.stage("acme", b"{}", b"old weights")
+    uri = store.commit(staged, 1)
+    assert store.read_version(uri, sha256_hex(b"old weights")).weights == b"old weights"
+    with pytest.raises(IntegrityError):
+        store.read_version(uri, sha256_hex(b"other weights"))
 
 
 def test_large_object_multipart(store):
@@ -114,3 +137,68 @@ def test_missing_bucket(s3_endpoint):
 def test_bad_uri():
     with pytest.raises(ConfigError):
         open_store_uri("ftp://x/y")
+
+
+@pytest.mark.parametrize("uri", ["file://./x", "file://adapters", "file:adapters", "file://host/srv/x"])
+def test_file_uris_with_a_host_or_a_relative_path_are_refused(uri, tmp_path):
+    """file://./x would be /x and file://adapters the root: refused, with the form to use."""
+    with pytest.raises(ConfigError, match=r"file:///absolute/path"):
+        open_store_uri(uri)
+    with pytest.raises(ConfigError, match=r"store\.uri: .*file:///absolute/path"):
+        load_config(env={"FLEET_STORE_URI": uri, "FLEET_DATA_DIR": str(tmp_path)})
+
+
+def test_file_uri_of_localhost_is_the_absolute_path(tmp_path):
+    store = open_store_uri(f"file://localhost{tmp_path}/adapters")
+    assert store.root == (tmp_path / "adapters").resolve()
+
+
+# -- garbage collection ----------------------------------------------------------------------
+
+
+def _leftovers(store, reg):
+    """v1 published; what failed publications leave (a committed v2 whose row never came, a staged
+    object); and auxiliary objects gc must never touch."""
+    reg.add_tenant("acme", base_model="tiny", rank=8, alpha=16)
+    (v1,) = reg.publish_versions(
+        store, [PublishRequest("acme", store.stage("acme", b"{}", b"w1"), 8, 16.0, "tiny")]
+    )
+    store.commit(store.stage("acme", b"{}", b"w2"), 2)
+    staged = store.stage("acme", b"{}", b"w3")
+    store.put_blob("drift.base-norms/abc.json", b"{}")
+    store.put_blob("probes/tiny/v1.bin", b"abc")
+    return v1, staged
+
+
+def test_gc_removes_only_unreferenced_versions_and_staging_after_the_grace_period(store, tmp_path):
+    from fleet.store.gc import find_garbage, remove
+
+    reg = Registry.open_url(f"sqlite:///{tmp_path / 'r.db'}")
+    v1, staged = _leftovers(store, reg)
+    now = time.time()
+    assert find_garbage(store, reg.version_uris, grace_s=3600, now=now) == []  # all younger than the grace
+    later = find_garbage(store, reg.version_uris, grace_s=3600, now=now + 7200)
+    assert {(g.prefix, g.kind, g.objects) for g in later} == {
+        ("acme/v2", "unreferenced version", 2),
+        (f".staging/{staged.token}", "staging", 2),
+    }
+    assert remove(store, later) == sum(g.bytes for g in later) > 0
+    assert find_garbage(store, reg.version_uris, grace_s=0, now=now + 7200) == []
+    assert store.read_version(v1.uri, v1.sha256).weights == b"w1"
+    assert store.get_blob("drift.base-norms/abc.json") == b"{}" and store.has_blob("probes/tiny/v1.bin")
+    with pytest.raises(NotFoundError):
+        store.commit(staged, 3)
+
+
+def test_gc_refuses_a_registry_that_is_not_the_stores(store, tmp_path):
+    from fleet.store.gc import find_garbage
+
+    reg = Registry.open_url(f"sqlite:///{tmp_path / 'r.db'}")
+    _leftovers(store, reg)
+    empty = Registry.open_url(f"sqlite:///{tmp_path / 'empty.db'}")
+    with pytest.raises(ConflictError, match="has no adapter versions"):
+        find_garbage(store, empty.version_uris, grace_s=0, now=time.time() + 60)
+    elsewhere = LocalStore(tmp_path / "elsewhere")
+    with pytest.raises(ConflictError, match="outside the adapter store"):
+        find_garbage(elsewhere, lambda: reg.version_uris(), grace_s=0, now=time.time())
+    assert store.get_blob("drift.base-norms/abc.json") == b"{}"

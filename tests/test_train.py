@@ -223,3 +223,76 @@ def test_pack_that_cannot_be_placed_fails_clearly_and_frees_its_reservation(flee
     assert asked, "the run never reached Ray Train's placement group"
     assert all(g["state"] == "REMOVED" for g in asked)
     assert ray.available_resources().get("CPU") == 2.0
+
+
+def test_a_failed_publication_fails_its_pack_only_and_leaves_nothing_staged(fleet_env, pack_run):
+    """A publication that fails — a gate that errs, or the store refusing a member's object after
+    another member of the pack was staged and moved — fails that pack alone, with nothing of it
+    published and nothing left staged; the other pack is published as usual."""
+    import dataclasses
+    import time
+
+    from fleet.store.gc import find_garbage
+    from fleet.train.launch import finish_pack
+
+    fl = fleet_env
+    a, b, spec, out = pack_run
+    by_id = {m.model_id: m for m in spec.members}
+    packs = [dataclasses.replace(spec, name=f"pack-77-{i}", members=tuple(by_id[m] for m in ids))
+             for i, ids in enumerate([(a,), (b,), (a, b)])]  # fmt: skip
+
+    erring = {"now": True}
+
+    def gate(member, metrics, adapter):
+        if member.model_id == b and erring["now"]:
+            raise RuntimeError("drift base norms: the adapter store is unreachable\n(details)")
+        return True, "fine"
+
+    result = {"members": out["members"], "adapters": out["state"]["adapters"], "metrics": out["metrics"]}
+    before = {m: len(fl.registry.versions(m)) for m in (a, b)}
+    blocked = fl.store.root / b / f"v{before[b] + 1}"  # b's next version cannot be written
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_bytes(b"")
+    outcomes = []
+    for p, errs in zip(packs, (True, True, False), strict=True):  # the last pack fails in the store
+        erring["now"] = errs
+        run_id = fl.registry.create_run(p.name, base_model=p.base_model, members=[])
+        outcomes.append(finish_pack(fl, p, run_id, time.time(), result, [gate]))
+    assert [o.status for o in outcomes] == [RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.FAILED]
+    assert outcomes[1].error == (
+        "publication failed, nothing published: RuntimeError: drift base norms: the adapter store is unreachable"
+    )
+    assert outcomes[2].error.startswith("publication failed, nothing published: NotADirectoryError"), outcomes[2]
+    assert [fl.registry.get_run(o.run_id).status for o in outcomes] == ["succeeded", "failed", "failed"]
+    assert {m: len(fl.registry.versions(m)) for m in (a, b)} == {a: before[a] + 1, b: before[b]}
+    assert not any((fl.store.root / ".staging").iterdir()), "a failed pack's staged objects were left"
+    # What the failed transaction had already moved into place is garbage for `fleet store gc`.
+    left = find_garbage(fl.store, fl.registry.version_uris, grace_s=0, now=time.time() + 1)
+    assert [g.prefix for g in left] == [f"{a}/v{before[a] + 2}"]
+    blocked.unlink()
+
+
+def test_fleet_train_publishes_through_the_cycle_path(fleet_env, org, ray_local, tmp_path):
+    """`fleet train` applies the divergence gate (a cap nothing can meet rejects the member, with a
+    drift action recorded) and records the GPU-seconds it used, as a cycle does."""
+    import time
+
+    import yaml
+
+    from fleet.cli import main
+
+    member = org.individuals[3]
+    cfg = fleet_env.cfg.model_copy(deep=True)
+    cfg.tiers["individual"].drift.max_rel_weight_norm = 1e-9
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    t0 = time.time()
+    assert main(["--config", str(path), "train", member, "--steps", "10", "--json"]) == 0
+    (version,) = fleet_env.registry.versions(member)
+    assert version.state is AdapterState.REJECTED and "; drift cap: rel_weight_norm" in version.reason
+    actions = fleet_env.registry.drift_actions(model_id=member)
+    assert [x["action"] for x in actions] == ["reject"]
+    assert fleet_env.registry.usage_since(t0 - 1).get(member.split("/")[0], 0) > 0
+    cycle = fleet_env.registry.list_cycles(limit=1)[0]
+    assert cycle["summary"]["kind"] == "train" and cycle["summary"]["gpu_s"] > 0
+    assert cycle["summary"]["rejected"] == 1 and cycle["status"] == "succeeded"

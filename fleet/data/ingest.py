@@ -8,17 +8,25 @@ The whole file is validated before anything is stored; the first malformed line 
 error naming its line number and field, and nothing is written. Items whose text a model
 already has (same sha256) are skipped and counted.
 
+Lines are split on ``\n`` alone (JSON strings may hold U+2028 or U+0085, which
+``str.splitlines`` would break on). Text holding NUL, and NaN or ±Infinity anywhere in an item,
+are refused with the line number: the registry could not store them on PostgreSQL.
+
 Repeated queries: a query is a ``Q: …`` line followed by an ``A: …`` line in a conversation,
 a user turn followed by an assistant turn in the base's chat format, or ``meta.query`` /
-``meta.answer``. When at least ``data.repeated_query_min_members``
-members of a team have asked the same normalized query, it becomes one conversation item of
-the team's model; when that many teams of a company have, of the company's model.
+``meta.answer``. Conversations are scanned once, line by line and turn by turn (linear time,
+whatever the text). When at least ``data.repeated_query_min_members`` members of a team have
+asked the same normalized query *and given the same normalized answer*, it becomes one
+conversation item of the team's model; when that many teams of a company have, of the
+company's model. A question whose askers answer it differently ("what is my badge code?") is
+personal: it stays with each asker and is never copied to the parent.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +40,8 @@ from fleet.types import ContextKind, lineage, validate_id
 TokenCounter = Callable[[Sequence[str]], list[int]]
 _KINDS = {k.value for k in ContextKind}
 _FIELDS = {"kind", "text", "meta"}
-_QA = re.compile(r"^Q:\s*(?P<q>.+?)\s*\n\s*A:\s*(?P<a>.+?)\s*$", re.MULTILINE)
-# A user turn answered by an assistant turn in the chat format of fleet's base
-# ("<|user|>\n…<|eos|>\n<|assistant|>\n…<|eos|>").
-_TURNS = re.compile(r"<\|user\|>\n(?P<q>.+?)<\|eos\|>\s*<\|assistant\|>\n(?P<a>.+?)<\|eos\|>", re.DOTALL)
+# The chat format of fleet's base: "<|user|>\n…<|eos|>\n<|assistant|>\n…<|eos|>".
+_USER, _ASSISTANT, _EOS = "<|user|>\n", "<|assistant|>\n", "<|eos|>"
 
 
 @dataclass
@@ -68,6 +74,15 @@ def normalize_query(query: str) -> str:
     return " ".join(q.split())
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """A JSON Lines file's lines: split on ``\n`` only (a ``\r`` left at a line's end is JSON whitespace)."""
+    return text.split("\n")
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(name)
+
+
 def parse_jsonl(lines: Iterable[str], *, max_chars: int, source: str = "input") -> list[dict[str, Any]]:
     """Validate every line; raise ValidationError naming the first bad line and field."""
     items: list[dict[str, Any]] = []
@@ -75,10 +90,14 @@ def parse_jsonl(lines: Iterable[str], *, max_chars: int, source: str = "input") 
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, parse_constant=_refuse_constant)
         except json.JSONDecodeError as exc:
             raise ValidationError(
                 f"{source}: line {no}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        except ValueError as exc:
+            raise ValidationError(
+                f"{source}: line {no}: {exc} is not a JSON number; numbers must be finite"
             ) from None
         items.append(validate_item(obj, where=f"{source}: line {no}", max_chars=max_chars))
     if not items:
@@ -100,10 +119,15 @@ def validate_item(obj: Any, *, where: str, max_chars: int) -> dict[str, Any]:
         raise ValidationError(f"{where}: field 'text' must be a non-empty string")
     if len(text) > max_chars:
         raise ValidationError(f"{where}: field 'text' has {len(text)} characters; the limit is {max_chars}")
+    if "\x00" in text:
+        raise ValidationError(
+            f"{where}: field 'text' holds a NUL character (\\u0000) at offset {text.index(chr(0))}; remove it"
+        )
     meta = obj.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise ValidationError(f"{where}: field 'meta' must be an object when present")
     if meta:
+        _check_storable(meta, where, "meta")
         for k in ("query", "answer"):
             if k in meta and (not isinstance(meta[k], str) or not meta[k].strip()):
                 raise ValidationError(f"{where}: field 'meta.{k}' must be a non-empty string")
@@ -112,14 +136,72 @@ def validate_item(obj: Any, *, where: str, max_chars: int) -> dict[str, Any]:
     return {"kind": kind, "text": text, "meta": meta}
 
 
+def _check_storable(value: Any, where: str, path: str) -> None:
+    """Refuse what no registry database stores: NUL in strings (keys too), non-finite numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValidationError(f"{where}: field {path!r} is {value}; numbers must be finite")
+    if isinstance(value, str) and "\x00" in value:
+        raise ValidationError(f"{where}: field {path!r} holds a NUL character (\\u0000); remove it")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if "\x00" in k:
+                raise ValidationError(f"{where}: a key of field {path!r} holds a NUL character (\\u0000)")
+            _check_storable(v, where, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_storable(v, where, f"{path}[{i}]")
+
+
 def extract_queries(item: dict[str, Any]) -> list[tuple[str, str]]:
     meta = item.get("meta") or {}
     out = []
     if "query" in meta:
         out.append((meta["query"].strip(), meta["answer"].strip()))
     if item["kind"] == ContextKind.CONVERSATION.value:
-        out += [(m["q"].strip(), m["a"].strip()) for m in _QA.finditer(item["text"])]
-        out += [(m["q"].strip(), m["a"].strip()) for m in _TURNS.finditer(item["text"])]
+        out += qa_pairs(item["text"])
+        out += chat_pairs(item["text"])
+    return out
+
+
+def qa_pairs(text: str) -> list[tuple[str, str]]:
+    """``Q: …`` lines answered by the next non-blank line, ``A: …``; one pass over the lines.
+
+    A blank run is scanned only from the line just above it, so the work is linear in the text.
+    """
+    lines = text.split("\n")
+    out, i = [], 0
+    while i < len(lines):
+        if not lines[i].startswith("Q:"):
+            i += 1
+            continue
+        j = i + 1
+        while j < len(lines) and not lines[j].strip():
+            j += 1
+        answer = lines[j].lstrip() if j < len(lines) else ""
+        q, a = lines[i][2:].strip(), answer[2:].strip()
+        if answer.startswith("A:") and q and a:
+            out.append((q, a))
+            j += 1
+        i = j  # the line after the blank run is looked at next (it may ask a question itself)
+    return out
+
+
+def chat_pairs(text: str) -> list[tuple[str, str]]:
+    """A user turn followed by an assistant turn in the base's chat format; one pass over the turns.
+
+    Turns end at ``<|eos|>``; a turn is the text after its last role marker, so splitting once on
+    the end marker and looking at each piece once is linear in the text.
+    """
+    out = []
+    turns = text.split(_EOS)  # the last piece ends without <|eos|>: it is no finished turn
+    for k in range(len(turns) - 2):
+        start = turns[k].rfind(_USER)
+        reply = turns[k + 1].lstrip()
+        if start < 0 or not reply.startswith(_ASSISTANT):
+            continue
+        q, a = turns[k][start + len(_USER) :].strip(), reply[len(_ASSISTANT) :].strip()
+        if q and a:
+            out.append((q, a))
     return out
 
 
@@ -144,7 +226,7 @@ class Ingestor:
         except UnicodeDecodeError as exc:
             raise ValidationError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         return self.ingest_items(
-            model_id, parse_jsonl(text.splitlines(), max_chars=self.max_chars, source=str(p))
+            model_id, parse_jsonl(jsonl_lines(text), max_chars=self.max_chars, source=str(p))
         )
 
     def ingest_items(self, model_id: str, items: Sequence[dict[str, Any]]) -> IngestReport:
@@ -207,7 +289,9 @@ class Ingestor:
         parents = sorted({row["parent_id"] for row in logs})
         # Team-level promotions are themselves "asked" by the team at company level.
         while parents:
-            found = self.registry.repeated_queries(parents, self.repeated_min)
+            found = agreed_answers(
+                self.registry.repeated_queries(parents, self.repeated_min), self.repeated_min
+            )
             if not found:
                 break
             batches2: dict[str, list[dict[str, Any]]] = {}
@@ -243,6 +327,31 @@ class Ingestor:
             self.registry.log_queries(next_logs)
             parents = sorted({row["parent_id"] for row in next_logs})
         return promoted
+
+
+def agreed_answers(groups: Sequence[dict[str, Any]], min_members: int) -> list[dict[str, Any]]:
+    """Of each repeated query, the answers that at least ``min_members`` askers agree on (normalized
+    like queries), in the wording of the first of them. Answers that differ stay personal."""
+    out = []
+    for g in groups:
+        by_answer: dict[str, list[dict[str, str]]] = {}
+        for asked in g["asked"]:
+            norm = normalize_query(asked["answer"])
+            if norm:
+                by_answer.setdefault(norm, []).append(asked)
+        for agreeing in by_answer.values():
+            if len(agreeing) >= min_members:
+                first = agreeing[0]
+                out.append(
+                    {
+                        "parent_id": g["parent_id"],
+                        "query_sha256": g["query_sha256"],
+                        "askers": len(agreeing),
+                        "query": first["query"],
+                        "answer": first["answer"],
+                    }
+                )
+    return out
 
 
 def tokenizer_counter(tokenizer) -> TokenCounter:

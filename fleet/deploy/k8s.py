@@ -8,9 +8,13 @@ plain dicts around them, shaped by the CRDs (ray.io/v1):
 - RayService ``<name>``: the Serve application (serveConfigV2) on the serving worker groups;
 - RayCluster ``<name>-train``: the training cluster, every GPU group scaling from zero;
 - RayCronJob ``<name>-cycle``: ``fleet run --once`` on the training cluster on a schedule;
-- ConfigMap ``<name>-config``: the clusters' fleet.yaml, mounted at /etc/fleet.
+- ConfigMap ``<name>-config``: the clusters' fleet.yaml, mounted at /etc/fleet;
+- NetworkPolicy ``<name>``: what may reach fleet's pods (see :func:`network_policy`).
 
-Connection strings and keys are never rendered: containers reference the
+Both clusters run Ray's token authentication (``authOptions``, the token in the Secret
+``deploy.ray_auth_secret``): the dashboard and the Jobs API run any code with the nodes'
+database and S3 credentials, so nothing reaches them without the token. Their Services are
+ClusterIP only. Connection strings and keys are never rendered: containers reference the
 Secrets named in the deploy section.
 """
 
@@ -31,6 +35,7 @@ CONFIG_FILE = "fleet.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 CONFIG_VOLUME = "fleet-config"
 DASHBOARD_AGENT_PORT = 52365
+AUTH_TOKEN_KEY = "auth_token"  # the key KubeRay and Ray read the token from
 # Ray's own health endpoints (what KubeRay probes by default), spelled out so every container has both probes.
 RAYLET_HEALTH = (
     f"wget -T 2 -q -O- http://localhost:{DASHBOARD_AGENT_PORT}/api/local_raylet_healthz | grep success"
@@ -236,10 +241,16 @@ def _autoscaler(cfg: FleetConfig) -> dict[str, Any]:
     }
 
 
+def _auth_options(cfg: FleetConfig) -> dict[str, Any]:
+    # KubeRay sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (from this Secret) on every Ray container.
+    return {"mode": "token", "secretName": cfg.deploy.ray_auth_secret}
+
+
 def _cluster_spec(cfg: FleetConfig, role: str) -> dict[str, Any]:
     serving = role == "serve"
     return {
         "rayVersion": cfg.deploy.ray_version,
+        "authOptions": _auth_options(cfg),
         "enableInTreeAutoscaling": True,
         "autoscalerOptions": _autoscaler(cfg),
         "headGroupSpec": head_group(cfg, role, serving),
@@ -281,6 +292,11 @@ def ray_cron_job(cfg: FleetConfig) -> dict[str, Any]:
         name="ray-job-submitter",
         image=deploy.image,
         image_pull_policy=deploy.image_pull_policy,
+        # `ray job submit` to the training cluster's Jobs API, which asks for the token.
+        env=[
+            k.V1EnvVar(name="RAY_AUTH_MODE", value="token"),
+            k.V1EnvVar(name="RAY_AUTH_TOKEN", value_from=_secret(deploy.ray_auth_secret, AUTH_TOKEN_KEY)),
+        ],
         resources=_requirements("500m", "1Gi"),
     )
     submitter_pod = k.V1PodTemplateSpec(
@@ -315,6 +331,53 @@ def config_map(cfg: FleetConfig) -> dict[str, Any]:
             kind="ConfigMap",
             metadata=k.V1ObjectMeta(name=names(cfg)["config"], labels=labels(cfg, "config")),
             data={CONFIG_FILE: common.cluster_config_yaml(cfg)},
+        )
+    )
+
+
+def network_policy(cfg: FleetConfig) -> dict[str, Any]:
+    """What may reach fleet's pods: each other (Ray's own traffic), the KubeRay operator (the heads'
+    dashboards), the operators' namespace (dashboard, Jobs API, Ray client, metrics) and callers of
+    the API port (from ``deploy.api_namespaces``, or anywhere when that is empty). Nothing else:
+    the Jobs API runs any code with the nodes' credentials. Egress is left open (database, S3)."""
+    deploy = cfg.deploy
+    ours = {"app.kubernetes.io/name": deploy.name, "app.kubernetes.io/part-of": "fleet"}
+
+    def in_namespace(name: str, pods: dict[str, str] | None = None) -> k.V1NetworkPolicyPeer:
+        return k.V1NetworkPolicyPeer(
+            namespace_selector=k.V1LabelSelector(match_labels={"kubernetes.io/metadata.name": name}),
+            pod_selector=k.V1LabelSelector(match_labels=pods) if pods else None,
+        )
+
+    def ports(*numbers: int) -> list[k.V1NetworkPolicyPort]:
+        return [k.V1NetworkPolicyPort(protocol="TCP", port=n) for n in numbers]
+
+    api = k.V1NetworkPolicyIngressRule(
+        ports=ports(cfg.serve.port),
+        _from=[in_namespace(ns) for ns in deploy.api_namespaces] or None,
+    )
+    rules = [
+        k.V1NetworkPolicyIngressRule(
+            _from=[k.V1NetworkPolicyPeer(pod_selector=k.V1LabelSelector(match_labels=ours))]
+        ),
+        k.V1NetworkPolicyIngressRule(
+            _from=[in_namespace(deploy.kuberay_namespace, {"app.kubernetes.io/name": "kuberay-operator"})],
+            ports=ports(common.DASHBOARD_PORT, DASHBOARD_AGENT_PORT),
+        ),
+        k.V1NetworkPolicyIngressRule(
+            _from=[in_namespace(deploy.operator_namespace)],
+            ports=ports(common.DASHBOARD_PORT, common.CLIENT_PORT, common.METRICS_PORT),
+        ),
+        api,
+    ]
+    return to_dict(
+        k.V1NetworkPolicy(
+            api_version="networking.k8s.io/v1",
+            kind="NetworkPolicy",
+            metadata=k.V1ObjectMeta(name=deploy.name, labels=labels(cfg, "network")),
+            spec=k.V1NetworkPolicySpec(
+                pod_selector=k.V1LabelSelector(match_labels=ours), policy_types=["Ingress"], ingress=rules
+            ),
         )
     )
 

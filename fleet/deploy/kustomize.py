@@ -27,6 +27,7 @@ _BASE = {
     "rayservice.yaml": k8s.ray_service,
     "raycluster.yaml": k8s.ray_cluster,
     "raycronjob.yaml": k8s.ray_cron_job,
+    "networkpolicy.yaml": k8s.network_policy,
 }
 
 

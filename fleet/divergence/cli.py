@@ -133,6 +133,7 @@ def register(app: typer.Typer) -> None:
 
 def _render_scan(res) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     console = common.console
     if res.versions:
@@ -162,6 +163,7 @@ def _render_scan(res) -> None:
         f" on {res.probe_set or '(no probe set yet: nothing was active)'} in {res.seconds:.1f} s"
     )
     for s in res.skipped:
-        console.print(f"[yellow]skipped[/] {s['model_id']}: {s['reason']}")
+        console.print(Text.assemble(("skipped", "yellow"), f" {s['model_id']}: {s['reason']}"))
     for e in res.errors:
-        console.print(f"[red]not scored[/] {e.get('model_id', '')}@v{e.get('version', '?')}: {e['message']}")
+        where = f"{e.get('model_id', '')}@v{e.get('version', '?')}"
+        console.print(Text.assemble(("not scored", "red"), f" {where}: {e['message']}"))

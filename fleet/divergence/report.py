@@ -213,11 +213,15 @@ def _f(x: Any, fmt: str = ".4g") -> str:
 
 def render_report(report: dict[str, Any], console) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     probe = report.get("probe_set")
     console.print(
-        f"[bold]drift[/] of {report['base_model']}'s models · probe set {probe['name'] if probe else '(none yet)'} · "
-        f"{report['samples']} samples in the last {report['window_days']:g} days"
+        Text.assemble(
+            ("drift", "bold"),
+            f" of {report['base_model']}'s models · probe set {probe['name'] if probe else '(none yet)'} · "
+            f"{report['samples']} samples in the last {report['window_days']:g} days",
+        )
     )
     t = Table(title="active versions by tier (what the policy judges)")
     for col in ("tier", "scored", "KL p50 / p90 / max", "top-1 p50 / min", "ΔNLL p90", "rel ‖ΔW‖ p90 / max",
@@ -242,7 +246,9 @@ def render_report(report: dict[str, Any], console) -> None:
             r["model_id"], f"v{r['version']}", r["tier"], _f(r["severity"], ".3f"), _f(r["kl"]), _f(r["top1"], ".3f"),
             _f(r["dnll"]), _f(r["rel_weight_norm"]), r["drift_state"] + (f" ({r['strikes']} strikes)" if r["strikes"] else ""),
         )  # fmt: skip
-    console.print(w if report["worst"] else "[dim]no scored active versions yet: run `fleet drift scan`[/]")
+    console.print(
+        w if report["worst"] else Text("no scored active versions yet: run `fleet drift scan`", "dim")
+    )
     a = Table(title="recent actions")
     for col in ("when (UTC)", "model", "version", "action", "reason"):
         a.add_column(col)
@@ -251,4 +257,4 @@ def render_report(report: dict[str, Any], console) -> None:
         a.add_row(
             when, r["model_id"], "-" if r["version"] is None else f"v{r['version']}", r["action"], r["reason"]
         )
-    console.print(a if report["actions"] else "[dim]no drift actions yet[/]")
+    console.print(a if report["actions"] else Text("no drift actions yet", "dim"))

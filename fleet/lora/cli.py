@@ -16,8 +16,13 @@ def register(app: typer.Typer) -> None:
         from fleet.context import Fleet
         from fleet.lora.interop import import_peft
 
-        v = import_peft(Fleet(common.config()), model_id, peft_dir)
-        common.console.print(f"imported {peft_dir} as {v.key} (rank {v.rank}), now active")
+        v, new = import_peft(Fleet(common.config()), model_id, peft_dir)
+        if new:
+            common.console.print(f"imported {peft_dir} as {v.key} (rank {v.rank}), now active")
+        else:
+            common.console.print(
+                f"{peft_dir} holds the same adapter as {v.key}: nothing stored, {v.key} is active"
+            )
 
     @adapters.command("export")
     def export(
@@ -58,4 +63,4 @@ def register(app: typer.Typer) -> None:
         if json_out:
             common.print_json(out)
         else:
-            common.console.print(f"[dim]{out['served_by']}[/] {prompt}[bold]{out['text']}[/]")
+            common.console.print(common.styled((out["served_by"], "dim"), " ", prompt, (out["text"], "bold")))

@@ -39,7 +39,14 @@ def check_fits_base(cfg, weights: AdapterWeights) -> None:
             )
 
 
-def import_peft(fl, model_id: str, peft_dir: str) -> VersionRecord:
+def import_peft(fl, model_id: str, peft_dir: str) -> tuple[VersionRecord, bool]:
+    """Publish a PEFT directory as the model's active version: ``(version, new?)``.
+
+    Idempotent by content: when the model already has a version with the same files (the digest
+    the store registers), that version is made active again (if it is not) and nothing is stored.
+    """
+    from fleet.store import version_digest
+
     validate_id(model_id)
     model = fl.registry.get_model(model_id)
     if not Path(peft_dir).is_dir():
@@ -49,6 +56,10 @@ def import_peft(fl, model_id: str, peft_dir: str) -> VersionRecord:
     weights = AdapterWeights.from_peft_dir(peft_dir)
     check_fits_base(fl.cfg, weights)
     config_b, weights_b = weights.to_bytes(fl.cfg.base.name)
+    digest = version_digest(config_b, weights_b)
+    for v in reversed(fl.registry.versions(model_id)):
+        if v.sha256 == digest and not v.state.is_terminal:  # promoting the active one changes nothing
+            return fl.registry.promote(model_id, v.version), False
     staged = fl.store.stage(model_id, config_b, weights_b)
     (v,) = fl.registry.publish_versions(
         fl.store,
@@ -64,7 +75,7 @@ def import_peft(fl, model_id: str, peft_dir: str) -> VersionRecord:
             )
         ],
     )
-    return v
+    return v, True
 
 
 def _read(fl, entry) -> AdapterWeights:

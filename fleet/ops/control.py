@@ -8,7 +8,7 @@ import time
 
 from rich.console import Console
 
-from fleet.ops.cycle import CycleOutcome, execute_cycle, run_cycle
+from fleet.ops.cycle import CycleOutcome, execute_cycle, open_cycle, run_cycle
 
 
 def drift_hooks(fl):
@@ -25,6 +25,16 @@ def cycle_once(
     if cycle_id is not None:
         return execute_cycle(fl, cycle_id, console=console, steps=steps, gates=gates, after_training=after)
     return run_cycle(fl, console=console, steps=steps, gates=gates, after_training=after)
+
+
+def train_once(
+    fl, packs: list[dict], *, steps: int | None = None, console: Console | None = None
+) -> CycleOutcome:
+    """``fleet train``: packs an operator named, through a cycle's own path (held-out and divergence
+    gates before publication, drift scan and usage accounting after), one cycle at a time."""
+    gates, after = drift_hooks(fl)
+    cycle_id = open_cycle(fl, packs, kind="train")
+    return execute_cycle(fl, cycle_id, console=console, steps=steps, gates=gates, after_training=after)
 
 
 def run_loop(
@@ -59,7 +69,10 @@ def run_loop(
         )
         if status != "SUCCEEDED":
             logs = client.get_job_logs(name)
-            console.print(f"[red]{name} failed[/]; last log lines:\n" + "\n".join(logs.splitlines()[-15:]))
+            from rich.text import Text
+
+            tail = "\n".join(logs.splitlines()[-15:])
+            console.print(Text.assemble((f"{name} failed", "red"), "; last log lines:\n", tail))
         done.append(
             {
                 "cycle_id": cycle_id,

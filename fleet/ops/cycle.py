@@ -133,19 +133,36 @@ def _telemetry(fn) -> None:
         logging.getLogger(__name__).warning("could not record metrics", exc_info=True)
 
 
-def prepare_cycle(fl, *, now: float | None = None, inventory=None) -> tuple[int, Any]:
-    """Open a cycle and store its plan in the registry (what its Ray job will train)."""
+def _register(fl, kind: str) -> int:
+    """A new running cycle, unless another is alive (two would train the same pending data)."""
     reg = fl.registry
     _close_interrupted(fl)
-    now = time.time() if now is None else now
     cycle_id = reg.start_cycle()
     # Two processes may both have found no live cycle: the older cycle goes on, this one yields.
     first = [c["id"] for c in reg.list_cycles(limit=20) if c["id"] < cycle_id and c["status"] == "running"]
     if first:
         reg.finish_cycle(
-            cycle_id, RunStatus.FAILED, {"kind": "cycle", "error": f"cycle {first[-1]} started first"}
+            cycle_id, RunStatus.FAILED, {"kind": kind, "error": f"cycle {first[-1]} started first"}
         )
         raise ConflictError(f"cycle {first[-1]} started at the same time and goes on; this one stopped")
+    return cycle_id
+
+
+def open_cycle(fl, packs: list[dict[str, Any]], *, kind: str = "train") -> int:
+    """A cycle over packs an operator named (``fleet train``) instead of planned ones: registered
+    like any cycle, with the packs stored as its plan, so that :func:`execute_cycle` gates,
+    publishes, scores and accounts for them exactly as it does for a planned cycle."""
+    cycle_id = _register(fl, kind)
+    scheduled = sum(len(p.get("members") or []) for p in packs)
+    fl.registry.update_cycle(cycle_id, {"kind": kind, "scheduled": scheduled, "plan": {"packs": packs}})
+    return cycle_id
+
+
+def prepare_cycle(fl, *, now: float | None = None, inventory=None) -> tuple[int, Any]:
+    """Open a cycle and store its plan in the registry (what its Ray job will train)."""
+    reg = fl.registry
+    now = time.time() if now is None else now
+    cycle_id = _register(fl, "cycle")
     try:
         result = plan_cycle(fl, now=now, inventory=inventory)
     except BaseException as exc:

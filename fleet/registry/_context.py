@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 
 from fleet.registry._core import MODELS, RegistryCore
 from fleet.registry.records import TrainingSnapshot
@@ -152,31 +152,41 @@ class ContextMixin(RegistryCore):
             conn.execute(stmt, [{**r, "created_at": now} for r in rows])
 
     def repeated_queries(self, parent_ids: Sequence[str], min_askers: int) -> list[dict[str, Any]]:
-        """Queries asked by at least ``min_askers`` distinct askers under each parent."""
+        """Queries asked by at least ``min_askers`` distinct askers under each parent, each with
+        every asker's answer (in the order they were asked): whether the askers *agree* on an answer
+        is for the caller to judge, with its own notion of "the same answer"."""
         if not parent_ids:
             return []
+        groups = (
+            select(QUERIES.c.parent_id, QUERIES.c.query_sha256)
+            .where(QUERIES.c.parent_id.in_(sorted(set(parent_ids))))
+            .group_by(QUERIES.c.parent_id, QUERIES.c.query_sha256)
+            .having(func.count() >= min_askers)
+            .subquery()
+        )
+        stmt = (
+            select(
+                QUERIES.c.parent_id,
+                QUERIES.c.query_sha256,
+                QUERIES.c.asker_id,
+                QUERIES.c.query,
+                QUERIES.c.answer,
+            )
+            .join(
+                groups,
+                and_(
+                    QUERIES.c.parent_id == groups.c.parent_id,
+                    QUERIES.c.query_sha256 == groups.c.query_sha256,
+                ),
+            )
+            .order_by(QUERIES.c.id)
+        )
+        out: dict[tuple[str, str], dict[str, Any]] = {}
         with self.read() as conn:
-            groups = conn.execute(
-                select(QUERIES.c.parent_id, QUERIES.c.query_sha256, func.count().label("n"))
-                .where(QUERIES.c.parent_id.in_(sorted(set(parent_ids))))
-                .group_by(QUERIES.c.parent_id, QUERIES.c.query_sha256)
-                .having(func.count() >= min_askers)
-            ).all()
-            out = []
-            for g in groups:
-                first = conn.execute(
-                    select(QUERIES.c.query, QUERIES.c.answer)
-                    .where(QUERIES.c.parent_id == g.parent_id, QUERIES.c.query_sha256 == g.query_sha256)
-                    .order_by(QUERIES.c.id)
-                    .limit(1)
-                ).first()
-                out.append(
-                    {
-                        "parent_id": g.parent_id,
-                        "query_sha256": g.query_sha256,
-                        "askers": int(g.n),
-                        "query": first.query,
-                        "answer": first.answer,
-                    }
+            for r in conn.execute(stmt):
+                g = out.setdefault(
+                    (r.parent_id, r.query_sha256),
+                    {"parent_id": r.parent_id, "query_sha256": r.query_sha256, "asked": []},
                 )
-        return out
+                g["asked"].append({"asker_id": r.asker_id, "query": r.query, "answer": r.answer})
+        return list(out.values())

@@ -291,6 +291,11 @@ class VersionsMixin(RegistryCore):
             ).all()
         return [_version_record(r) for r in rows]
 
+    def version_uris(self) -> set[str]:
+        """The store URI of every version row, in any state (what the store must keep)."""
+        with self.read() as conn:
+            return set(conn.scalars(select(VERSIONS.c.uri).distinct()))
+
     def active_version(self, model_id: str) -> VersionRecord | None:
         validate_id(model_id)
         with self.read() as conn:

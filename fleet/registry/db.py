@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
 
+from fleet.config import redact
 from fleet.errors import ConfigError, UnavailableError
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
@@ -26,13 +30,13 @@ def normalize_url(url: str) -> URL:
         parsed = make_url(url)
     except ArgumentError:
         raise ConfigError(
-            f"registry URL {url!r} is not a database URL; use sqlite:///path/fleet.db or "
+            f"registry URL {redact(url)!r} is not a database URL; use sqlite:///path/fleet.db or "
             "postgresql://user@host:5432/db"
         ) from None
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() not in ("sqlite", "postgresql"):
-        raise ConfigError(f"registry URL {url!r}: only SQLite and PostgreSQL are supported")
+        raise ConfigError(f"registry URL {describe(parsed)!r}: only SQLite and PostgreSQL are supported")
     return parsed
 
 
@@ -41,19 +45,39 @@ def describe(url: URL) -> str:
     return url.render_as_string(hide_password=True)
 
 
+def finite_json(value: Any) -> str:
+    """JSON of a value with every NaN and ±Infinity as null: a diverged member's metrics are stored
+    (PostgreSQL's json type rejects NaN, and a NaN would otherwise abort the whole transaction)."""
+    return json.dumps(_finite(value), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def create_registry_engine(url: str, *, busy_timeout_ms: int, pool_size: int, echo: bool) -> Engine:
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            parsed, echo=echo, connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False}
+            parsed,
+            echo=echo,
+            json_serializer=finite_json,
+            connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
         )
         _sqlite_events(engine, busy_timeout_ms)
     else:
         engine = create_engine(
             parsed,
             echo=echo,
+            json_serializer=finite_json,
             pool_size=pool_size,
             pool_pre_ping=True,
             connect_args={"connect_timeout": 5},

@@ -7,11 +7,12 @@ them per deployment, as the rendered Kubernetes manifests do.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from typing import Any
 
-from fleet.config import FleetConfig
+from fleet.config import ENV_DB_URL, FleetConfig, strip_password
 from fleet.serve.runtime import config_from_args
 
 # Headroom over the queue limit: the replica answers 503 itself past serve.max_queue, so Serve's
@@ -47,8 +48,9 @@ def deployment_options(cfg: FleetConfig) -> tuple[dict[str, Any], dict[str, Any]
 def build(args: dict[str, Any] | None = None):
     """Application builder: ``{"config": "/path/fleet.yaml"}`` (optional) → the bound application.
 
-    ``{"config_json": {...}}`` passes an already loaded config instead (``fleet serve`` and tests);
-    every replica then builds its base, engine and registry handles from it.
+    ``{"config_json": {...}}`` passes an already loaded config instead (``fleet serve`` and tests,
+    see :func:`application_args`), with the replica's environment overrides on top; every replica
+    then builds its base, engine and registry handles from it.
     """
     from fleet.serve.ingress import FleetIngress
     from fleet.serve.replica import FleetModel
@@ -60,13 +62,21 @@ def build(args: dict[str, Any] | None = None):
     return FleetIngress.options(**ingress_opts).bind(model, args)
 
 
+def application_args(cfg: FleetConfig) -> dict[str, Any]:
+    """The application's arguments for an already loaded config. Serve shows deployments' arguments
+    in the dashboard, so they carry the config without its passwords; every replica takes those from
+    its own environment (``$FLEET_DB_URL``, libpq's ``PGPASSWORD``, ``AWS_*``): a local Ray's workers
+    inherit this process's, a cluster's nodes have theirs (the rendered deployments set them)."""
+    return {"config_json": cfg.without_secrets().model_dump(mode="json")}
+
+
 def start(cfg: FleetConfig, *, port: int | None = None, blocking_ready: bool = True) -> str:
     """Deploy the application on the connected Ray cluster; returns its base URL."""
     from ray import serve
 
     port = port or cfg.serve.port
     serve.start(http_options={"host": cfg.serve.host, "port": port})
-    app = build({"config_json": cfg.model_dump(mode="json")})
+    app = build(application_args(cfg))
     serve.run(app, name=cfg.serve.app_name, route_prefix="/", blocking=False)
     host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::") else cfg.serve.host
     return f"http://{host}:{port}"
@@ -83,7 +93,7 @@ def run(cfg: FleetConfig, *, port: int | None = None, address: str | None = None
         cfg.ray.address = address
     if not cfg.ray.address:
         _prepare_local(cfg)
-    dashboard = ensure_ray(cfg)
+    dashboard = ensure_ray(cfg)  # a local Ray's workers inherit this environment, secrets included
     url = start(cfg, port=port)
     echo(f"fleet is serving at {url}/v1  (OpenAI-compatible; model = a fleet model id)")
     if dashboard:
@@ -115,6 +125,9 @@ def _prepare_local(cfg: FleetConfig) -> None:
         ensure_base(cfg)
     cfg.data_path.mkdir(parents=True, exist_ok=True)
     Registry.open(cfg).close()
+    if cfg.registry.url and strip_password(cfg.registry.url) != cfg.registry.url:
+        # The replicas get the URL without its password (application_args); they read it from here.
+        os.environ.setdefault(ENV_DB_URL, cfg.registry.url)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

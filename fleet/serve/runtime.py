@@ -181,11 +181,12 @@ def _byte_level_decoder() -> dict[str, int]:
 
 def config_from_args(args: dict[str, Any] | None) -> FleetConfig:
     """The config a Serve application was built with: ``{"config": path}`` (loaded here, with this
-    process's environment overrides), ``{"config_json": {...}}`` (an already loaded config), or
-    nothing (the default lookup)."""
-    from fleet.config import load_config
+    process's environment overrides), ``{"config_json": {...}}`` (an already loaded config, shipped
+    without its secrets: this process's environment overrides apply to it too), or nothing (the
+    default lookup)."""
+    from fleet.config import config_from_dict, load_config
 
     args = dict(args or {})
     if args.get("config_json") is not None:
-        return FleetConfig.model_validate(args["config_json"])
+        return config_from_dict(args["config_json"])
     return load_config(args.get("config"))

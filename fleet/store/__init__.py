@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote, urlparse
 
-from fleet.config import FleetConfig, StoreConfig
+from fleet.config import FleetConfig, StoreConfig, store_uri_problem
 from fleet.errors import ConfigError
 from fleet.store._base import (
     CONFIG_FILE,
@@ -19,6 +19,7 @@ from fleet.store._base import (
     AdapterStore,
     Staged,
     sha256_hex,
+    version_digest,
 )
 from fleet.store.local import LocalStore
 
@@ -32,18 +33,20 @@ __all__ = [
     "open_store",
     "open_store_uri",
     "sha256_hex",
+    "version_digest",
 ]
 
 
 def open_store_uri(uri: str, cfg: StoreConfig | None = None) -> AdapterStore:
+    problem = store_uri_problem(uri)
+    if problem:
+        raise ConfigError(problem)
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         return LocalStore(unquote(parsed.path))
-    if parsed.scheme == "s3":
-        from fleet.store.s3 import S3Store
+    from fleet.store.s3 import S3Store
 
-        return S3Store(uri, cfg)
-    raise ConfigError(f"store URI {uri!r}: use file:///path or s3://bucket/prefix")
+    return S3Store(uri, cfg)
 
 
 def open_store(cfg: FleetConfig) -> AdapterStore:

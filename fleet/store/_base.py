@@ -4,7 +4,11 @@ Layout: ``<model id>/v<n>/adapter_config.json`` + ``adapter_model.safetensors`` 
 directory format). A new version is first written under ``.staging/<token>/`` and moved to
 its final key by :meth:`AdapterStore.commit`, which the registry calls inside the
 publication transaction: a version is visible only once that transaction commits.
-Every read verifies the sha256 the registry recorded for the weights file.
+
+Every read verifies the sha256 the registry recorded for the version, which covers both files
+(:func:`version_digest`): an edited ``adapter_config.json`` (its ``lora_alpha``, rank or
+``use_rslora`` change every answer) is refused like corrupt weights. Versions published before
+the config was covered were registered with the weights' sha256 alone and are verified on that.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ class Staged:
 
 
 @dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    modified: float  # seconds since the epoch: when it was written or moved to this key
+
+
+@dataclass(frozen=True)
 class AdapterFiles:
     """The two files of a PEFT LoRA directory, verified."""
 
@@ -44,6 +55,13 @@ class AdapterFiles:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def version_digest(config: bytes, weights: bytes) -> str:
+    """The sha256 a version is registered with, over both of its files: what
+    ``sha256sum adapter_config.json adapter_model.safetensors | sha256sum`` prints in its directory."""
+    listing = f"{sha256_hex(config)}  {CONFIG_FILE}\n{sha256_hex(weights)}  {WEIGHTS_FILE}\n"
+    return sha256_hex(listing.encode())
 
 
 def version_key(model_id: str, version: int) -> str:
@@ -71,7 +89,10 @@ class AdapterStore(ABC):
         token = uuid.uuid4().hex
         self._write_many(f".staging/{token}", {CONFIG_FILE: config, WEIGHTS_FILE: weights})
         return Staged(
-            model_id=model_id, token=token, sha256=sha256_hex(weights), size_bytes=len(config) + len(weights)
+            model_id=model_id,
+            token=token,
+            sha256=version_digest(config, weights),
+            size_bytes=len(config) + len(weights),
         )
 
     def commit(self, staged: Staged, version: int) -> str:
@@ -84,14 +105,15 @@ class AdapterStore(ABC):
         self._delete_dir(f".staging/{staged.token}")
 
     def read_version(self, uri: str, sha256: str) -> AdapterFiles:
-        """Read a version's files, verifying the weights' sha256 (IntegrityError on mismatch)."""
+        """Read a version's files, verifying them against the registry's sha256 (IntegrityError
+        on mismatch). A version registered before the config was covered matches its weights'."""
         key = self.key_of(uri)
         files = self._read_many(key, FILES)
-        got = sha256_hex(files[WEIGHTS_FILE])
-        if got != sha256:
+        got = version_digest(files[CONFIG_FILE], files[WEIGHTS_FILE])
+        if got != sha256 and sha256_hex(files[WEIGHTS_FILE]) != sha256:
             raise IntegrityError(
-                f"adapter object {uri}/{WEIGHTS_FILE} is corrupt: sha256 {got[:12]}… does not match the "
-                f"registry's {sha256[:12]}…; it will not be loaded",
+                f"adapter object {uri} is corrupt: the sha256 of {CONFIG_FILE} and {WEIGHTS_FILE} "
+                f"({got[:12]}…) does not match the registry's {sha256[:12]}…; it will not be loaded",
                 uri=uri,
             )
         return AdapterFiles(config=files[CONFIG_FILE], weights=files[WEIGHTS_FILE])
@@ -136,3 +158,7 @@ class AdapterStore(ABC):
 
     @abstractmethod
     def _delete_dir(self, prefix: str) -> None: ...
+
+    @abstractmethod
+    def _list_objects(self) -> list[StoredObject]:
+        """Every object in the store (what garbage collection looks at)."""

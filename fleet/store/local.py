@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from fleet.errors import NotFoundError, ValidationError
-from fleet.store._base import AdapterStore
+from fleet.store._base import AdapterStore, StoredObject
 
 
 class LocalStore(AdapterStore):
@@ -73,6 +73,7 @@ class LocalStore(AdapterStore):
         if d.exists():  # left behind by a publication whose transaction rolled back
             shutil.rmtree(d)
         os.rename(s, d)
+        os.utime(d)  # when it became this version (what garbage collection's grace period counts from)
         fd = os.open(d.parent, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -81,3 +82,13 @@ class LocalStore(AdapterStore):
 
     def _delete_dir(self, prefix: str) -> None:
         shutil.rmtree(self._path(prefix), ignore_errors=True)
+
+    def _list_objects(self) -> list[StoredObject]:
+        out = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            moved = os.stat(dirpath).st_mtime  # a commit renames the directory and touches it
+            for name in files:
+                st = os.stat(os.path.join(dirpath, name))
+                key = os.path.relpath(os.path.join(dirpath, name), self.root)
+                out.append(StoredObject(key, st.st_size, max(st.st_mtime, moved)))
+        return out

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from fleet.config import StoreConfig
 from fleet.errors import NotFoundError, UnavailableError, ValidationError
-from fleet.store._base import AdapterStore
+from fleet.store._base import AdapterStore, StoredObject
 
 
 class S3Store(AdapterStore):
@@ -122,17 +122,27 @@ class S3Store(AdapterStore):
             return False
 
     def _list(self, prefix: str) -> list[str]:
-        keys: list[str] = []
+        return [o["Key"] for o in self._pages(self._full(prefix) + "/")]
+
+    def _pages(self, full_prefix: str) -> list[dict]:
+        objects: list[dict] = []
         token = None
         while True:
-            kw = {"Bucket": self.bucket, "Prefix": self._full(prefix) + "/"}
+            kw = {"Bucket": self.bucket, "Prefix": full_prefix}
             if token:
                 kw["ContinuationToken"] = token
-            page = self._call(self.uri_of(prefix), self.client.list_objects_v2, **kw)
-            keys += [o["Key"] for o in page.get("Contents", [])]
+            page = self._call(f"s3://{self.bucket}/{full_prefix}", self.client.list_objects_v2, **kw)
+            objects += page.get("Contents", [])
             if not page.get("IsTruncated"):
-                return keys
+                return objects
             token = page["NextContinuationToken"]
+
+    def _list_objects(self) -> list[StoredObject]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        return [
+            StoredObject(o["Key"][len(root) :], int(o["Size"]), o["LastModified"].timestamp())
+            for o in self._pages(root)
+        ]
 
     def _move_dir(self, src: str, dst: str) -> None:
         # S3 has no rename: copy each object to its final key, then drop the staging copy.

@@ -15,19 +15,21 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(None, "--steps", help="Override every member's schedule length."),
         json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
     ) -> None:
-        """Train packs of models on Ray Train (one run per pack, packs run concurrently)."""
+        """Train packs of models on Ray Train (one run per pack, packs run concurrently), gated,
+        published, scored for drift and accounted for exactly as in a cycle."""
         from fleet.context import Fleet
         from fleet.errors import ValidationError
-        from fleet.train.runner import train_models, train_plan_file
+        from fleet.ops.control import train_once
+        from fleet.train.runner import packs_of_models, read_plan_file
+        from fleet.types import validate_id
 
         if bool(model_ids) == bool(pack_file):
             raise ValidationError("name the models to train, or give --pack-file (not both)")
+        for model_id in model_ids or []:
+            validate_id(model_id)
         fl = Fleet(common.config())
-        console = None if json_out else common.console
-        if pack_file:
-            outcomes = train_plan_file(fl, pack_file, steps=steps, console=console)
-        else:
-            outcomes = train_models(fl, list(model_ids), steps=steps, console=console)
+        packs = read_plan_file(pack_file) if pack_file else packs_of_models(fl.cfg, list(model_ids))
+        outcomes = train_once(fl, packs, steps=steps, console=None if json_out else common.console).packs
         if json_out:
             from dataclasses import asdict
 

@@ -230,29 +230,45 @@ def run_packs(
             try:
                 out = ray.get(ref)
             except Exception as exc:  # the run failed beyond its retries: nothing is published
-                err = _describe(exc)
-                fl.registry.finish_run(run_id, RunStatus.FAILED, error=err)
-                outcomes.append(PackOutcome(pack.name, run_id, RunStatus.FAILED, time.time() - t0, error=err))
+                outcomes.append(_failed(fl, pack, run_id, t0, _describe(exc)))
                 continue
-            t_publish = time.perf_counter()
-            outcome = publish(fl, pack, run_id, out, gates)
-            outcome.seconds = time.time() - t0
-            fl.registry.finish_run(
-                run_id,
-                RunStatus.SUCCEEDED,
-                metrics={
-                    **out["metrics"],
-                    "published": outcome.published,
-                    "rejected": outcome.rejected,
-                    "seconds": outcome.seconds,
-                    # Ray Train's fit() (start, the loop, checkpoints) and gating + publication.
-                    "fit_s": out.get("fit_s"),
-                    "publish_s": round(time.perf_counter() - t_publish, 2),
-                },
-            )
-            outcomes.append(outcome)
+            outcomes.append(finish_pack(fl, pack, run_id, t0, out, gates))
     order = {p.name: i for i, p in enumerate(packs)}
     return sorted(outcomes, key=lambda o: order[o.name])
+
+
+def _failed(fl, pack: PackSpec, run_id: int, t0: float, error: str) -> PackOutcome:
+    fl.registry.finish_run(run_id, RunStatus.FAILED, error=error)
+    return PackOutcome(pack.name, run_id, RunStatus.FAILED, time.time() - t0, error=error)
+
+
+def finish_pack(
+    fl, pack: PackSpec, run_id: int, t0: float, out: dict[str, Any], gates: Sequence[Gate]
+) -> PackOutcome:
+    """Gate and publish one finished run, and record the run. A publication that fails (a gate, the
+    store, the registry) fails this pack alone, with nothing of it published or left staged; the
+    other packs of the cycle are collected as usual."""
+    t_publish = time.perf_counter()
+    try:
+        outcome = publish(fl, pack, run_id, out, gates)
+    except Exception as exc:  # noqa: BLE001 - recorded as this pack's failure, with the cause
+        why = exc.message if isinstance(exc, FleetError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        return _failed(fl, pack, run_id, t0, f"publication failed, nothing published: {why}")
+    outcome.seconds = time.time() - t0
+    fl.registry.finish_run(
+        run_id,
+        RunStatus.SUCCEEDED,
+        metrics={
+            **out["metrics"],
+            "published": outcome.published,
+            "rejected": outcome.rejected,
+            "seconds": outcome.seconds,
+            # Ray Train's fit() (start, the loop, checkpoints) and gating + publication.
+            "fit_s": out.get("fit_s"),
+            "publish_s": round(time.perf_counter() - t_publish, 2),
+        },
+    )
+    return outcome
 
 
 def publish(fl, pack: PackSpec, run_id: int, out: dict[str, Any], gates: Sequence[Gate]) -> PackOutcome:
@@ -260,11 +276,10 @@ def publish(fl, pack: PackSpec, run_id: int, out: dict[str, Any], gates: Sequenc
     all in one registry transaction (idempotent per run)."""
     from fleet.lora import AdapterWeights
 
-    requests, members = [], []
-    for m in pack.members:
+    members, requests = [], []
+    for m in pack.members:  # every gate first: nothing is staged until all have answered
         metrics = out["members"][m.model_id]
-        config_b, weights_b = out["adapters"][m.model_id]
-        adapter = AdapterWeights.from_bytes(config_b, weights_b)
+        adapter = AdapterWeights.from_bytes(*out["adapters"][m.model_id])
         ok, reasons = True, []
         for gate in gates:
             passed, why = gate(m, metrics, adapter)
@@ -272,25 +287,29 @@ def publish(fl, pack: PackSpec, run_id: int, out: dict[str, Any], gates: Sequenc
             if not passed:
                 ok = False
                 break
-        reason = "; ".join(reasons)
-        staged = fl.store.stage(m.model_id, config_b, weights_b)
-        requests.append(
-            PublishRequest(
-                model_id=m.model_id,
-                staged=staged,
-                rank=m.rank,
-                alpha=m.alpha,
-                base_model=pack.base_model,
-                state=AdapterState.ACTIVE if ok else AdapterState.REJECTED,
-                parents=[a.key for a in m.ancestors],
-                watermark=m.upto if ok else m.watermark,
-                metrics=metrics,
-                reason=None if ok else reason,
-                run_id=run_id,
+        members.append(MemberOutcome(m.model_id, m.tier, ok, None, "; ".join(reasons), metrics))
+    try:
+        for m, mo in zip(pack.members, members, strict=True):
+            requests.append(
+                PublishRequest(
+                    model_id=m.model_id,
+                    staged=fl.store.stage(m.model_id, *out["adapters"][m.model_id]),
+                    rank=m.rank,
+                    alpha=m.alpha,
+                    base_model=pack.base_model,
+                    state=AdapterState.ACTIVE if mo.published else AdapterState.REJECTED,
+                    parents=[a.key for a in m.ancestors],
+                    watermark=m.upto if mo.published else m.watermark,
+                    metrics=mo.metrics,
+                    reason=None if mo.published else mo.reason,
+                    run_id=run_id,
+                )
             )
-        )
-        members.append(MemberOutcome(m.model_id, m.tier, ok, None, reason, metrics))
-    published = {v.model_id: v for v in fl.registry.publish_versions(fl.store, requests)}
+        published = {v.model_id: v for v in fl.registry.publish_versions(fl.store, requests)}
+    except BaseException:
+        for r in requests:  # nothing was published: what this pack staged goes too
+            _discard(fl.store, r.staged)
+        raise
     for mo in members:
         v = published.get(mo.model_id)
         mo.version = v.version if v else None
@@ -300,6 +319,15 @@ def publish(fl, pack: PackSpec, run_id: int, out: dict[str, Any], gates: Sequenc
     return PackOutcome(
         pack.name, run_id, RunStatus.SUCCEEDED, 0.0, steps=int(out["metrics"]["step"]), members=members
     )
+
+
+def _discard(store, staged) -> None:
+    try:
+        store.discard(staged)
+    except Exception:  # noqa: BLE001 - the original failure matters; `fleet store gc` removes leftovers
+        import logging
+
+        logging.getLogger(__name__).warning("could not discard staged object %s", staged.token, exc_info=True)
 
 
 def _give_up(fl, refs, running, timeout_s: float) -> list[PackOutcome]:
@@ -317,8 +345,7 @@ def _give_up(fl, refs, running, timeout_s: float) -> list[PackOutcome]:
             f"the cluster has {_resources_text(free, total)} free. Free or add a slice that fits, "
             "or raise train.start_timeout_s where nodes take longer to join"
         )
-        fl.registry.finish_run(run_id, RunStatus.FAILED, error=err)
-        outcomes.append(PackOutcome(pack.name, run_id, RunStatus.FAILED, time.time() - t0, error=err))
+        outcomes.append(_failed(fl, pack, run_id, t0, err))
     ray.wait(list(refs), num_returns=len(refs), timeout=10.0)
     return outcomes
 
@@ -348,6 +375,11 @@ def _reclaim(console, settle_s: float = 0.0) -> list[str]:
     if removed and console is not None:
         console.print(f"freed {len(removed)} slice reservation(s) left by Train runs that died")
     return removed
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _describe(exc: BaseException) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,39 +11,22 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from fleet.errors import ValidationError
 from fleet.train.launch import Gate, PackOutcome, run_packs
 from fleet.train.pack import PackSpec, build_pack
-from fleet.types import TIERS, RunStatus, level_of
+from fleet.types import TIERS, level_of
 
 
-def train_models(
-    fl,
-    model_ids: Sequence[str],
-    *,
-    steps: int | None = None,
-    console: Console | None = None,
-    gates: Sequence[Gate] = (),
-    cycle_id: int | None = None,
-) -> list[PackOutcome]:
-    """Train these models, split into packs of at most ``scheduler.max_pack_members``."""
-    size = fl.cfg.scheduler.max_pack_members
-    groups = [list(model_ids[i : i + size]) for i in range(0, len(model_ids), size)] or [[]]
-    return _train(
-        fl, [{"members": g} for g in groups], steps=steps, console=console, gates=gates, cycle_id=cycle_id
-    )
+def packs_of_models(cfg, model_ids: Sequence[str]) -> list[dict]:
+    """``fleet train`` with model ids: packs of at most ``scheduler.max_pack_members``, in order."""
+    size = cfg.scheduler.max_pack_members
+    return [{"members": list(model_ids[i : i + size])} for i in range(0, len(model_ids), size)]
 
 
-def train_plan_file(
-    fl,
-    path: str | Path,
-    *,
-    steps: int | None = None,
-    console: Console | None = None,
-    gates: Sequence[Gate] = (),
-) -> list[PackOutcome]:
-    """Train the packs of a plan written by ``fleet schedule --json``."""
+def read_plan_file(path: str | Path) -> list[dict]:
+    """The packs of a plan written by ``fleet schedule --json``."""
     p = Path(path)
     try:
         doc = json.loads(p.read_text())
@@ -53,9 +35,11 @@ def train_plan_file(
     except json.JSONDecodeError as exc:
         raise ValidationError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     packs = doc.get("packs") if isinstance(doc, dict) else None
-    if not isinstance(packs, list):
-        raise ValidationError(f"{p}: not a fleet plan (expected an object with a 'packs' list)")
-    return _train(fl, packs, steps=steps, console=console, gates=gates)
+    if not isinstance(packs, list) or not all(
+        isinstance(pk, dict) and isinstance(pk.get("members"), list) for pk in packs
+    ):
+        raise ValidationError(f"{p}: not a fleet plan (expected an object with a 'packs' list of members)")
+    return packs
 
 
 @contextmanager
@@ -80,29 +64,6 @@ def heartbeat(reg, cycle_id: int, every_s: float) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(timeout=5)
-
-
-def _train(fl, packs: list[dict], *, steps, console, gates, cycle_id: int | None = None) -> list[PackOutcome]:
-    own_cycle = cycle_id is None
-    if own_cycle:
-        cycle_id = fl.registry.start_cycle()
-    t0 = time.time()
-    try:
-        with heartbeat(fl.registry, cycle_id, fl.cfg.scheduler.cycle_heartbeat_s):
-            outcomes, _ = train_packs(fl, packs, cycle_id=cycle_id, steps=steps, console=console, gates=gates)
-    except Exception as exc:
-        if own_cycle:
-            fl.registry.finish_cycle(cycle_id, RunStatus.FAILED, {"kind": "train", "error": str(exc)[:500]})
-        raise
-    if own_cycle:
-        fl.registry.finish_cycle(
-            cycle_id,
-            RunStatus.SUCCEEDED if not any(o.error for o in outcomes) else RunStatus.FAILED,
-            summary_of(outcomes, kind="train", seconds=round(time.time() - t0, 2)),
-        )
-        if console is not None:
-            render_outcomes(outcomes, console)
-    return outcomes
 
 
 def stages(packs: list[dict]) -> list[list[dict]]:
@@ -228,7 +189,8 @@ def render_outcomes(outcomes: Sequence[PackOutcome], console: Console) -> None:
         t.add_column(col, justify="left" if col == "run" else "right")
     for o in outcomes:
         if o.error:
-            t.add_row(o.name, "-", "-", "-", f"[red]failed: {o.error}[/]", "0", "0", f"{o.seconds:.0f}s")
+            failed = Text(f"failed: {o.error}", style="red")
+            t.add_row(o.name, "-", "-", "-", failed, "0", "0", f"{o.seconds:.0f}s")
             continue
         ms = [m.metrics for m in o.members]
         before = sum(m["heldout_before"] for m in ms) / len(ms)
