@@ -37,11 +37,14 @@ class Fleet:
         return self.cfg.base.name
 
     def ingestor(self) -> Ingestor:
+        from fleet.base.loading import chat_text
+
         return Ingestor(
             self.registry,
             tokenizer_counter(self.tokenizer),
             max_chars=self.cfg.data.max_text_chars,
             repeated_min=self.cfg.data.repeated_query_min_members,
+            render_chat=lambda messages: chat_text(self.tokenizer, messages),
         )
 
     def add_tenant(self, tenant_id: str, shares: float = 1.0, budget: float | None = None):

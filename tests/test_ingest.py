@@ -145,7 +145,11 @@ def test_a_question_whose_answers_differ_stays_with_each_asker(db_ingestor):
     for who, answer in (("p0", "Room 4."), ("p1", "room 5"), ("p2", "ROOM 4"), ("p3", "room 4!")):
         ing.ingest_items(f"acme/search/{who}", qa("Where is stand-up?", answer))
     (item,) = reg.items("acme/search")
-    assert item["text"] == "Q: Where is stand-up?\nA: Room 4." and item["meta"]["askers"] == 3
+    assert item["meta"]["messages"] == [
+        {"role": "user", "content": "Where is stand-up?"},
+        {"role": "assistant", "content": "Room 4."},
+    ]
+    assert item["text"] == "user: Where is stand-up?\nassistant: Room 4." and item["meta"]["askers"] == 3
     # Teams of a company: the same rule one level up (acme/ads and acme/ml agree, acme/search not).
     ing.ingest_many({"acme/ads": qa("Who runs payroll?", "Kim"), "acme/ml": qa("who runs payroll", "kim.")})
     ing.ingest_items("acme/search", qa("Who runs payroll?", "Lee"))
@@ -233,3 +237,57 @@ def test_hostile_conversations_are_parsed_in_linear_time(tmp_path):
     out = json.loads(done.stdout)
     assert out["inserted"] == 5 and out["chars"] >= 5 * 150_000
     assert out["seconds"] < 10, out
+
+
+def test_conversations_as_messages_render_with_the_bases_chat_template(db_ingestor, tmp_path):
+    """Structured messages are stored whole, counted and trained in the base template's rendering,
+    and their exchanges count as repeated queries; malformed messages are refused by line."""
+    from fleet.base.loading import chat_ids
+    from fleet.train.data import item_ids
+
+    ing, reg = db_ingestor, db_ingestor.registry
+    tok = build_tokenizer()
+    ing.render_chat = lambda messages: tok.apply_chat_template(messages, tokenize=False)
+    msgs = [
+        {"role": "system", "content": "You help the search team."},
+        {"role": "user", "content": "Where is the wiki?"},
+        {"role": "assistant", "content": "On the third floor."},
+    ]
+    f = _write(
+        tmp_path / "c.jsonl", [{"kind": "conversation", "messages": msgs, "meta": {"channel": "chat"}}]
+    )
+    report = ing.ingest_file("acme/search/p0", f)
+    (item,) = reg.items("acme/search/p0")
+    assert item["meta"]["messages"] == msgs and item["meta"]["channel"] == "chat"
+    assert (
+        item["text"]
+        == "system: You help the search team.\nuser: Where is the wiki?\nassistant: On the third floor."
+    )
+    assert report.tokens == item["tokens"] == len(chat_ids(tok, msgs, add_generation_prompt=False))
+    # Training reads the template's rendering, not the neutral text.
+    (snap,) = reg.training_snapshot(["acme/search/p0"]).values()
+    (ids,) = item_ids(snap.new_items, tok)
+    assert ids == chat_ids(tok, msgs, add_generation_prompt=False)
+    assert tok.decode(ids).count("<|assistant|>") == 1
+    # Re-ingesting the same messages is a duplicate.
+    assert ing.ingest_file("acme/search/p0", f).duplicates == 1
+    # The exchange is a query: three agreeing askers teach the team, as structured messages too.
+    for who in ("p1", "p2"):
+        ing.ingest_items(f"acme/search/{who}", [{"kind": "conversation", "messages": msgs[1:]}])
+    (team,) = reg.items("acme/search")
+    assert team["meta"]["messages"] == msgs[1:] and team["meta"]["source"] == "repeated-query"
+    bad = [
+        ({"kind": "document", "messages": msgs}, "belongs to a conversation"),
+        ({"kind": "conversation", "text": "x", "messages": msgs}, "not both"),
+        ({"kind": "conversation", "messages": []}, "non-empty list"),
+        ({"kind": "conversation", "messages": [{"role": "user"}]}, r"messages\[0\] must be an object"),
+        ({"kind": "conversation", "messages": [{"role": "robot", "content": "hi"}]}, "role must be one of"),
+        ({"kind": "conversation", "messages": [{"role": "user", "content": " "}]}, "non-empty string"),
+        ({"kind": "conversation", "messages": [{"role": "assistant", "content": "hi"}]}, "at least one user"),
+        ({"kind": "conversation", "messages": [{"role": "user", "content": "a\u0000b"}]}, "NUL"),
+    ]
+    for obj, match in bad:
+        g = _write(tmp_path / "bad.jsonl", [{"kind": "document", "text": "fine"}, obj])
+        with pytest.raises(ValidationError, match=f"line 2.*{match}|{match}"):
+            ing.ingest_file("acme/search/p3", g)
+    assert reg.items("acme/search/p3") == []

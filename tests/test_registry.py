@@ -217,7 +217,7 @@ def test_items_dedup_pending_and_watermark(registry, store):
     assert m.watermark == snap.snapshot_max_id and m.pending_tokens == 7
 
     snap2 = registry.training_snapshot(["acme/search/dana"], replay_fraction=0.5)["acme/search/dana"]
-    assert [t for _, t in snap2.new_items] == ["late"]
+    assert [it.text for it in snap2.new_items] == ["late"]
     assert len(snap2.old_items) == 1  # half of the data is replay
     with pytest.raises(NotFoundError):
         registry.add_items({"ghost": items})

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fleet.data.ingest import messages_text
 from fleet.data.synth import (
     ATTRIBUTES,
     Level,
@@ -84,10 +85,12 @@ def test_items_carry_the_facts_and_parse_as_jsonl(org):
         assert len(lines) >= 4
         items = [json.loads(line) for line in lines]
         assert {i["kind"] for i in items} == {"document", "conversation"}
-        texts = [i["text"] for i in items]
+        # conversations come as structured messages (rendered by each base's chat template)
+        assert all(("messages" in i) == (i["kind"] == "conversation") for i in items)
+        texts = [i["text"] if "text" in i else messages_text(i["messages"]) for i in items]
         assert all(isinstance(t, str) and t for t in texts)
         assert len(texts) == len(set(texts)), "duplicate items would be dropped by ingestion"
-        assert all(set(i) <= {"kind", "text", "meta"} for i in items)
+        assert all(set(i) <= {"kind", "text", "messages", "meta"} for i in items)
         blob = "\n".join(texts)
         for f in org.facts_of(mid):
             # several phrasings: the value appears at least three times

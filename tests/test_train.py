@@ -262,7 +262,9 @@ def test_a_failed_publication_fails_its_pack_only_and_leaves_nothing_staged(flee
     assert outcomes[1].error == (
         "publication failed, nothing published: RuntimeError: drift base norms: the adapter store is unreachable"
     )
-    assert outcomes[2].error.startswith("publication failed, nothing published: NotADirectoryError"), outcomes[2]
+    assert outcomes[2].error.startswith("publication failed, nothing published: NotADirectoryError"), (
+        outcomes[2]
+    )
     assert [fl.registry.get_run(o.run_id).status for o in outcomes] == ["succeeded", "failed", "failed"]
     assert {m: len(fl.registry.versions(m)) for m in (a, b)} == {a: before[a] + 1, b: before[b]}
     assert not any((fl.store.root / ".staging").iterdir()), "a failed pack's staged objects were left"

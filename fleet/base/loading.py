@@ -170,3 +170,18 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
         elif isinstance(eos, list):
             ids.update(int(t) for t in eos if isinstance(t, int))
     return tuple(sorted(ids))
+
+
+def chat_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, add_generation_prompt: bool = True
+) -> list[int]:
+    """Token ids of a conversation through the base tokenizer's own chat template (with the
+    assistant's cue appended when ``add_generation_prompt``): how every part of fleet asks a chat."""
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return [int(t) for t in ids]
+
+
+def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
+    """A finished conversation rendered by the base's chat template, as text."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)

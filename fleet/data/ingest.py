@@ -3,6 +3,14 @@
 A file is JSON Lines, one item per line::
 
     {"kind": "document" | "conversation" | "feedback", "text": "...", "meta": {...}}   # meta optional
+    {"kind": "conversation", "messages": [{"role": "user", "content": "..."},
+                                          {"role": "assistant", "content": "..."}, ...]}
+
+A conversation is best given as structured ``messages`` (roles ``system``, ``user``,
+``assistant``): training renders it with the base tokenizer's own chat template, so the model
+learns it in the form it is asked in, whatever the base. Such an item is stored with its
+messages in ``meta.messages`` and a base-neutral ``text`` (``role: content`` lines, what
+deduplication and retrieval read); its token count is that of the template's rendering.
 
 The whole file is validated before anything is stored; the first malformed line raises an
 error naming its line number and field, and nothing is written. Items whose text a model
@@ -39,7 +47,8 @@ from fleet.types import ContextKind, lineage, validate_id
 
 TokenCounter = Callable[[Sequence[str]], list[int]]
 _KINDS = {k.value for k in ContextKind}
-_FIELDS = {"kind", "text", "meta"}
+_FIELDS = {"kind", "text", "messages", "meta"}
+ROLES = ("system", "user", "assistant")
 # The chat format of fleet's base: "<|user|>\n…<|eos|>\n<|assistant|>\n…<|eos|>".
 _USER, _ASSISTANT, _EOS = "<|user|>\n", "<|assistant|>\n", "<|eos|>"
 
@@ -106,14 +115,27 @@ def parse_jsonl(lines: Iterable[str], *, max_chars: int, source: str = "input") 
 
 
 def validate_item(obj: Any, *, where: str, max_chars: int) -> dict[str, Any]:
+    """A checked item ``{"kind", "text", "meta"}``; structured messages are in ``meta.messages``."""
     if not isinstance(obj, dict):
-        raise ValidationError(f"{where}: expected a JSON object with 'kind' and 'text'")
+        raise ValidationError(f"{where}: expected a JSON object with 'kind' and 'text' (or 'messages')")
     extra = sorted(set(obj) - _FIELDS)
     if extra:
-        raise ValidationError(f"{where}: unknown field {extra[0]!r} (allowed: kind, text, meta)")
+        raise ValidationError(f"{where}: unknown field {extra[0]!r} (allowed: kind, text, messages, meta)")
     kind = obj.get("kind")
     if kind not in _KINDS:
         raise ValidationError(f"{where}: field 'kind' must be one of {sorted(_KINDS)}, got {kind!r}")
+    meta = obj.get("meta")
+    messages = obj.get("messages")
+    if messages is None and isinstance(meta, dict) and "messages" in meta and "text" in obj:
+        messages = meta["messages"]  # a stored item read back: its messages are its source of truth
+    if messages is not None:
+        if kind != ContextKind.CONVERSATION.value:
+            raise ValidationError(f"{where}: field 'messages' belongs to a conversation, not a {kind}")
+        if "text" in obj and "messages" in obj:
+            raise ValidationError(f"{where}: give a conversation as 'text' or as 'messages', not both")
+        messages = validate_messages(messages, where)
+        obj = {**obj, "text": messages_text(messages)}
+        meta = {**(meta if isinstance(meta, dict) else {}), "messages": messages}
     text = obj.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ValidationError(f"{where}: field 'text' must be a non-empty string")
@@ -123,7 +145,6 @@ def validate_item(obj: Any, *, where: str, max_chars: int) -> dict[str, Any]:
         raise ValidationError(
             f"{where}: field 'text' holds a NUL character (\\u0000) at offset {text.index(chr(0))}; remove it"
         )
-    meta = obj.get("meta")
     if meta is not None and not isinstance(meta, dict):
         raise ValidationError(f"{where}: field 'meta' must be an object when present")
     if meta:
@@ -134,6 +155,41 @@ def validate_item(obj: Any, *, where: str, max_chars: int) -> dict[str, Any]:
         if ("query" in meta) != ("answer" in meta):
             raise ValidationError(f"{where}: 'meta.query' and 'meta.answer' come together")
     return {"kind": kind, "text": text, "meta": meta}
+
+
+def validate_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    """``[{"role", "content"}, ...]``: roles system/user/assistant, non-empty string contents."""
+    if not isinstance(messages, list) or not messages:
+        raise ValidationError(
+            f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects"
+        )
+    out = []
+    for i, m in enumerate(messages):
+        at = f"{where}: messages[{i}]"
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise ValidationError(f"{at} must be an object with exactly 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ValidationError(f"{at}: role must be one of {', '.join(ROLES)}, got {m['role']!r}")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise ValidationError(f"{at}: content must be a non-empty string")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" for m in out):
+        raise ValidationError(f"{where}: a conversation needs at least one user message")
+    return out
+
+
+def messages_text(messages: Sequence[dict[str, str]]) -> str:
+    """A conversation's base-neutral text: one ``role: content`` line per message."""
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def message_pairs(messages: Sequence[dict[str, str]]) -> list[tuple[str, str]]:
+    """Each user message answered by the assistant message right after it."""
+    return [
+        (u["content"].strip(), a["content"].strip())
+        for u, a in zip(messages, messages[1:], strict=False)
+        if u["role"] == "user" and a["role"] == "assistant"
+    ]
 
 
 def _check_storable(value: Any, where: str, path: str) -> None:
@@ -158,6 +214,8 @@ def extract_queries(item: dict[str, Any]) -> list[tuple[str, str]]:
     if "query" in meta:
         out.append((meta["query"].strip(), meta["answer"].strip()))
     if item["kind"] == ContextKind.CONVERSATION.value:
+        if "messages" in meta:
+            return out + message_pairs(meta["messages"])
         out += qa_pairs(item["text"])
         out += chat_pairs(item["text"])
     return out
@@ -209,12 +267,33 @@ class Ingestor:
     """Ingests items into the registry with a base-tokenizer token counter."""
 
     def __init__(
-        self, registry: Registry, count_tokens: TokenCounter, *, max_chars: int, repeated_min: int
+        self,
+        registry: Registry,
+        count_tokens: TokenCounter,
+        *,
+        max_chars: int,
+        repeated_min: int,
+        render_chat: Callable[[list[dict[str, str]]], str] | None = None,
     ) -> None:
         self.registry = registry
         self.count_tokens = count_tokens
         self.max_chars = max_chars
         self.repeated_min = repeated_min
+        # A conversation's messages as the base's chat template renders them (what training sees).
+        self.render_chat = render_chat or messages_text
+
+    def _new_items(self, items: Sequence[dict[str, Any]]) -> list[NewItem]:
+        """Validated items → rows, each counted in the form training reads it."""
+        counted = [
+            self.render_chat(it["meta"]["messages"])
+            if it["meta"] and "messages" in it["meta"]
+            else it["text"]
+            for it in items
+        ]
+        return [
+            NewItem(it["kind"], it["text"], n, text_sha256(it["text"]), it["meta"])
+            for it, n in zip(items, self.count_tokens(counted), strict=True)
+        ]
 
     def ingest_file(self, model_id: str, path: str | Path) -> IngestReport:
         validate_id(model_id)
@@ -238,19 +317,16 @@ class Ingestor:
         for mid in batches:
             validate_id(mid)
         self.registry.get_models(list(batches))  # unknown models fail before any work
-        new: dict[str, list[NewItem]] = {}
-        for mid, items in batches.items():
-            items = [
+        checked = {
+            mid: [
                 validate_item(it, where=f"{mid} item {i}", max_chars=self.max_chars)
                 for i, it in enumerate(items, 1)
             ]
-            tokens = self.count_tokens([it["text"] for it in items])
-            new[mid] = [
-                NewItem(it["kind"], it["text"], n, text_sha256(it["text"]), it["meta"])
-                for it, n in zip(items, tokens, strict=True)
-            ]
+            for mid, items in batches.items()
+        }
+        new = {mid: self._new_items(items) for mid, items in checked.items()}
         counts = {c.model_id: c for c in self.registry.add_items(new)}
-        promoted = self._promote_queries(batches)
+        promoted = self._promote_queries(checked)
         return [
             IngestReport(
                 mid,
@@ -297,13 +373,20 @@ class Ingestor:
             batches2: dict[str, list[dict[str, Any]]] = {}
             next_logs = []
             for f in found:
-                text = f"Q: {f['query']}\nA: {f['answer']}"
+                exchange = [
+                    {"role": "user", "content": f["query"]},
+                    {"role": "assistant", "content": f["answer"]},
+                ]
                 batches2.setdefault(f["parent_id"], []).append(
-                    {
-                        "kind": "conversation",
-                        "text": text,
-                        "meta": {"source": "repeated-query", "askers": f["askers"]},
-                    }
+                    validate_item(
+                        {
+                            "kind": "conversation",
+                            "messages": exchange,
+                            "meta": {"source": "repeated-query", "askers": f["askers"]},
+                        },
+                        where=f"repeated query of {f['parent_id']}",
+                        max_chars=self.max_chars,
+                    )
                 )
                 lin = lineage(f["parent_id"])
                 if len(lin) >= 2:
@@ -316,13 +399,7 @@ class Ingestor:
                             "answer": f["answer"],
                         }
                     )
-            new = {
-                pid: [
-                    NewItem(it["kind"], it["text"], n, text_sha256(it["text"]), it["meta"])
-                    for it, n in zip(items, self.count_tokens([i["text"] for i in items]), strict=True)
-                ]
-                for pid, items in batches2.items()
-            }
+            new = {pid: self._new_items(items) for pid, items in batches2.items()}
             promoted += self.registry.add_items(new)
             self.registry.log_queries(next_logs)
             parents = sorted({row["parent_id"] for row in next_logs})

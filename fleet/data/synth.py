@@ -305,17 +305,28 @@ class Tenant:
 
 @dataclass(frozen=True)
 class ContextItem:
-    """One line of ``fleet ingest`` input. ``meta`` pairs become the JSON ``meta`` object."""
+    """One line of ``fleet ingest`` input. ``meta`` pairs become the JSON ``meta`` object; a
+    conversation's ``turns`` (role, content) become its structured ``messages``."""
 
     kind: str
     text: str
     meta: tuple[tuple[str, str], ...] = ()
+    turns: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {"kind": self.kind, "text": self.text}
+        out: dict[str, object] = {"kind": self.kind}
+        if self.turns:
+            out["messages"] = [{"role": r, "content": c} for r, c in self.turns]
+        else:
+            out["text"] = self.text
         if self.meta:
             out["meta"] = dict(self.meta)
         return out
+
+
+def conversation(*turns: tuple[str, str], meta: tuple[tuple[str, str], ...] = ()) -> ContextItem:
+    """A conversation item given as structured messages (``text`` keeps the tiny base's rendering)."""
+    return ContextItem("conversation", chat(*turns), meta, tuple(turns))
 
 
 @dataclass(frozen=True)
@@ -469,10 +480,10 @@ def _items_for(tenant: Tenant, facts: Sequence[Fact], rng: random.Random) -> lis
         )
         items.append(ContextItem("document", f"{second}\n{qa_text(f.attribute, f.subject)}{f.answer}\n"))
         items.append(
-            ContextItem(
-                "conversation",
-                chat(("user", f.chat_question), ("assistant", f.statement)),
-                (("query", f.chat_question), ("answer", f.value)),
+            conversation(
+                ("user", f.chat_question),
+                ("assistant", f.statement),
+                meta=(("query", f.chat_question), ("answer", f.value)),
             )
         )
     return items
@@ -554,8 +565,11 @@ def synthetic_org(
     def ask(fact: Fact, askers: Sequence[str], scope: str) -> None:
         for k, asker in enumerate(askers):
             q = _ask_variant(fact.chat_question, k)
-            text = chat(("user", q), ("assistant", fact.statement))
-            items[asker].append(ContextItem("conversation", text, (("query", q), ("answer", fact.value))))
+            items[asker].append(
+                conversation(
+                    ("user", q), ("assistant", fact.statement), meta=(("query", q), ("answer", fact.value))
+                )
+            )
         repeated.append(
             RepeatedQuery(scope, " ".join(fact.chat_question.lower().split()), fact.value, tuple(askers))
         )

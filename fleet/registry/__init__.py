@@ -23,6 +23,7 @@ from fleet.registry._versions import PublishRequest, VersionsMixin
 from fleet.registry.records import (
     ModelRecord,
     RunRecord,
+    SnapshotItem,
     Stack,
     StackEntry,
     TenantRecord,
@@ -40,6 +41,7 @@ __all__ = [
     "Stack",
     "StackEntry",
     "TenantRecord",
+    "SnapshotItem",
     "TrainingSnapshot",
     "VersionRecord",
 ]

@@ -8,6 +8,7 @@ still being committed when the snapshot was read.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, func, select, update
 
 from fleet.registry._core import MODELS, RegistryCore
-from fleet.registry.records import TrainingSnapshot
+from fleet.registry.records import SnapshotItem, TrainingSnapshot
 from fleet.registry.schema import ContextItem, QueryLog
 from fleet.types import validate_id
 
@@ -111,16 +112,21 @@ class ContextMixin(RegistryCore):
             models = {r.id: r for r in self.lock_models(conn, model_ids, shared=True)}
             for mid in sorted(models):
                 wm, upto = pins[mid] if pins else (int(models[mid].watermark or 0), None)
-                stmt = select(ITEMS.c.id, ITEMS.c.text).where(ITEMS.c.model_id == mid).order_by(ITEMS.c.id)
+                stmt = (
+                    select(ITEMS.c.id, ITEMS.c.text, ITEMS.c.kind, ITEMS.c.meta)
+                    .where(ITEMS.c.model_id == mid)
+                    .order_by(ITEMS.c.id)
+                )
                 if upto is not None:
                     stmt = stmt.where(ITEMS.c.id <= upto)
-                rows = conn.execute(stmt).all()
-                new = [(r.id, r.text) for r in rows if r.id > wm]
-                old = [(r.id, r.text) for r in rows if r.id <= wm]
+                rows = [SnapshotItem.of(r) for r in conn.execute(stmt)]
+                new = [r for r in rows if r.id > wm]
+                old = [r for r in rows if r.id <= wm]
                 frac = replay_fraction.get(mid, 0.0) if isinstance(replay_fraction, dict) else replay_fraction
-                # Replay enough old items that they make up `frac` of the training data.
+                # Replay enough old items that they make up `frac` of the training data, rounding
+                # up: a small update (one new item) still replays the member's older facts.
                 want = (
-                    int(round(len(new) * frac / (1 - frac)))
+                    math.ceil(len(new) * frac / (1 - frac) - 1e-9)
                     if 0 < frac < 1
                     else (len(old) if frac >= 1 else 0)
                 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from fleet.types import AdapterState, DriftState, Level, version_key
 
@@ -105,6 +105,26 @@ class Stack:
         return "+".join(e.key for e in self.entries) or f"base:{self.base_model}"
 
 
+class SnapshotItem(NamedTuple):
+    """One context item as training reads it: structured ``messages`` for a conversation given as
+    messages (rendered with the base's chat template), else ``text``."""
+
+    id: int
+    text: str
+    kind: str = "document"
+    messages: tuple[tuple[str, str], ...] | None = None  # (role, content) pairs
+
+    @classmethod
+    def of(cls, row: Any) -> SnapshotItem:
+        msgs = (row.meta or {}).get("messages") if isinstance(row.meta, dict) else None
+        return cls(
+            int(row.id), row.text, row.kind, tuple((m["role"], m["content"]) for m in msgs) if msgs else None
+        )
+
+    def chat(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.messages or ()]
+
+
 @dataclass(frozen=True)
 class TrainingSnapshot:
     """A member's training data as of one consistent read."""
@@ -112,8 +132,8 @@ class TrainingSnapshot:
     model_id: str
     watermark: int
     snapshot_max_id: int
-    new_items: list[tuple[int, str]]
-    old_items: list[tuple[int, str]]
+    new_items: list[SnapshotItem]
+    old_items: list[SnapshotItem]
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fleet.base.loading import chat_ids
+from fleet.registry import SnapshotItem
+
 BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384, 448, 512, 768, 1024, 1536, 2048)
 
 
@@ -37,18 +40,31 @@ def _is_heldout(item_id: int, text: str, fraction: float) -> bool:
     return int.from_bytes(h[:8], "big") / 2**64 < fraction
 
 
-def rows_from_items(
-    items: Sequence[tuple[int, str]], tokenizer, context_length: int
-) -> list[tuple[int, list[int]]]:
-    """(item id, token ids) rows: each item tokenized with bos/eos and cut into windows."""
-    if not items:
-        return []
-    texts = [t for _, t in items]
-    enc = tokenizer(texts, add_special_tokens=True)["input_ids"]
+def item_ids(items: Sequence[SnapshotItem], tokenizer) -> list[list[int]]:
+    """Each item's tokens as the model reads it: a conversation given as messages through the base's
+    chat template (every turn closed by the template's end-of-turn token), any other text with the
+    tokenizer's special tokens and a final eos."""
+    texts = [it.text for it in items if not it.messages]
+    enc = iter(tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else [])
     eos = tokenizer.eos_token_id
     out = []
-    for (item_id, _), ids in zip(items, enc, strict=True):
-        ids = list(ids) + ([eos] if eos is not None else [])
+    for it in items:
+        if it.messages:
+            out.append(chat_ids(tokenizer, it.chat(), add_generation_prompt=False))
+        else:
+            out.append(list(next(enc)) + ([eos] if eos is not None else []))
+    return out
+
+
+def rows_from_items(
+    items: Sequence[SnapshotItem], tokenizer, context_length: int
+) -> list[tuple[int, list[int]]]:
+    """(item id, token ids) rows: each item tokenized (``item_ids``) and cut into windows."""
+    if not items:
+        return []
+    out = []
+    for it, ids in zip(items, item_ids(items, tokenizer), strict=True):
+        item_id = it.id
         for start in range(0, max(1, len(ids) - 1), context_length):
             piece = ids[start : start + context_length]
             if len(piece) >= 2:
@@ -58,17 +74,17 @@ def rows_from_items(
 
 def member_data(
     model_id: str,
-    new_items: Sequence[tuple[int, str]],
-    old_items: Sequence[tuple[int, str]],
+    new_items: Sequence[SnapshotItem],
+    old_items: Sequence[SnapshotItem],
     tokenizer,
     *,
     context_length: int,
     heldout_fraction: float,
 ) -> MemberData:
     """Tokenize a member's snapshot; hold out a stable fraction of its new items."""
-    texts = {i: t for i, t in list(new_items) + list(old_items)}
+    texts = {it.id: it.text for it in list(new_items) + list(old_items)}
     rows = rows_from_items(list(new_items) + list(old_items), tokenizer, context_length)
-    new_ids = {i for i, _ in new_items}
+    new_ids = {it.id for it in new_items}
     train, held = [], []
     for item_id, ids in rows:
         if item_id in new_ids and _is_heldout(item_id, texts[item_id], heldout_fraction):
