@@ -7,6 +7,7 @@ them per deployment, as the rendered Kubernetes manifests do.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from typing import Any
@@ -83,6 +84,9 @@ def run(cfg: FleetConfig, *, port: int | None = None, address: str | None = None
         cfg.ray.address = address
     if not cfg.ray.address:
         _prepare_local(cfg)
+        # Ray starts its workers at nice 15 (so that a driver stays responsive); a local service's
+        # model and HTTP processes should not yield the CPU to every other program on the machine.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     dashboard = ensure_ray(cfg)
     url = start(cfg, port=port)
     echo(f"fleet is serving at {url}/v1  (OpenAI-compatible; model = a fleet model id)")
