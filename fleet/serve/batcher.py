@@ -173,6 +173,7 @@ class Batcher:
         self.scored = 0
         self.max_rows_seen = 0
         self.engine_s = 0.0  # time spent in engine steps (prefill + decode + scoring)
+        self.engine_cpu_s = 0.0  # CPU time of the engine thread in those steps
         self.queue_to_first_token: deque[float] = deque(maxlen=4096)  # recent submit → first token, s
 
     # ------------------------------------------------------------------ public
@@ -357,6 +358,13 @@ class Batcher:
 
     def _engine_step(self, admit: list[Job], score: list[Job], cancels: list[int]):
         """On the engine thread: cancels, prefills of joining rows, one decode step, scoring passes."""
+        cpu0 = time.thread_time()
+        try:
+            return self._engine_work(admit, score, cancels)
+        finally:
+            self.engine_cpu_s += time.thread_time() - cpu0
+
+    def _engine_work(self, admit: list[Job], score: list[Job], cancels: list[int]):
         for rid in cancels:
             self._batch.cancel(rid)
         failures: dict[int, BaseException] = {}

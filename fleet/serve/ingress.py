@@ -167,6 +167,7 @@ class FleetIngress:
         self.metrics = ServeMetrics(INGRESS_DEPLOYMENT)
         self._retryable = _retryable()
         self._inflight: Counter[str] = Counter()
+        self._duration: dict[str, float] = {}  # company → recent request duration, s (Retry-After)
         self._parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="fleet-parse")
         self._parse_gates: dict[str, asyncio.Semaphore] = {}
 
@@ -285,12 +286,14 @@ class FleetIngress:
         s = self.cfg.serve
         limit = s.company_inflight_limits.get(company, s.max_inflight_per_company) * max(1, s.max_replicas)
         if self._inflight[company] >= limit:
+            # When to come back: about when the requests in flight now are done (their recent duration).
+            wait = min(30.0, max(1.0, self._duration.get(company, 1.0)))
             raise RateLimitError(
-                f"too many requests in flight for company {company!r} (limit {limit}); retry shortly",
-                retry_after=1.0,
+                f"too many requests in flight for company {company!r} (limit {limit}); retry in {wait:.0f}s",
+                retry_after=wait,
             )
         self._inflight[company] += 1
-        done = False
+        done, t0 = False, time.perf_counter()
 
         def release() -> None:
             nonlocal done
@@ -299,6 +302,8 @@ class FleetIngress:
                 self._inflight[company] -= 1
                 if self._inflight[company] <= 0:
                     del self._inflight[company]
+                took = time.perf_counter() - t0
+                self._duration[company] = 0.8 * self._duration.get(company, took) + 0.2 * took
 
         return release
 

@@ -47,6 +47,7 @@ class ModelServer:
         self.metrics = metrics
         s = cfg.serve
         self.stream_interval_s = s.stream_interval_ms / 1000.0
+        self.stream_tokens = s.stream_tokens
         self.batcher = Batcher(
             self.engine,
             self.tokenizer,
@@ -118,9 +119,11 @@ class ModelServer:
         """The same, as chunks: ``start`` (who serves it), ``delta`` (text, and the token ids behind
         it), ``end``.
 
-        A delta carries every token generated since the previous one: at most one delta goes out
-        per ``serve.stream_interval_ms`` (the first text and the end go at once), so that a busy
-        replica sends one message per several tokens instead of one per token per stream.
+        A delta carries every token generated since the previous one. The first text and the end go
+        at once; after that a delta goes when ``serve.stream_tokens`` tokens wait or the oldest of
+        them has waited ``serve.stream_interval_ms``: every message costs the replica, the ingress,
+        the HTTP proxy and the client about the same whatever it carries, and per token it would
+        cost them more than the model's own decode step does.
 
         A stream the ingress resumes on another replica (the first one died) carries ``resume_ids``
         (tokens generated so far) and ``resume_text`` (text already sent): decoding continues from
@@ -155,13 +158,17 @@ class ModelServer:
             if not jobs:  # resumed right at the length limit, or past a stop string not yet sent
                 yield end("stop" if text.stopped else "length", len(resume_ids))
                 return
-            job, last_sent, new = jobs[0], None, []
+            job, new, oldest, sent_any = jobs[0], [], 0.0, False
             while True:
-                events = [await job.events.get()]
-                if last_sent is not None and self.stream_interval_s > 0:
-                    delay = last_sent + self.stream_interval_s - time.perf_counter()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+                wait = None  # tokens are waiting: at most until the oldest has waited the interval
+                if new and sent_any:
+                    wait = max(0.0, oldest + self.stream_interval_s - time.perf_counter())
+                try:
+                    events = [
+                        await (job.events.get() if wait is None else asyncio.wait_for(job.events.get(), wait))
+                    ]
+                except TimeoutError:
+                    events = []
                 while not job.events.empty():
                     events.append(job.events.get_nowait())
                 for event in events:
@@ -175,16 +182,24 @@ class ModelServer:
                         else:
                             yield end(gen.finish_reason, len(resume_ids) + event.completion_tokens)
                         return
+                    if not new:
+                        oldest = time.perf_counter()
                     new.append(event.token_id)
                     text.add([event.token_id])
                     if text.stopped:
                         self.batcher.cancel(job)
                         yield end("stop", len(text.ids))
                         return
-                delta = text.sendable()
-                if delta:
-                    yield {"type": "delta", "text": delta, "ids": new}
-                    last_sent, new = time.perf_counter(), []
+                now = time.perf_counter()
+                if new and (
+                    not sent_any or len(new) >= self.stream_tokens or now - oldest >= self.stream_interval_s
+                ):
+                    delta = text.sendable()
+                    if delta:
+                        yield {"type": "delta", "text": delta, "ids": new}
+                        new, sent_any = [], True
+                    else:  # all held back (a stop string may start here): wait another interval
+                        oldest = now
         finally:
             self._release_when_done(jobs, lease)
 
@@ -205,6 +220,8 @@ class ModelServer:
             "tokens": self.batcher.tokens,
             "max_rows_seen": self.batcher.max_rows_seen,
             "engine_s": self.batcher.engine_s,
+            "engine_cpu_s": self.batcher.engine_cpu_s,
+            "process_cpu_s": time.process_time(),
             "first_token_p50_s": _quantile(self.batcher.queue_to_first_token, 0.5),
             "first_token_p99_s": _quantile(self.batcher.queue_to_first_token, 0.99),
             "in_flight": self.batcher.load,
