@@ -266,12 +266,10 @@ class ServeConfig(_Section):
     """Requests one company may have waiting or running, per model replica and per ingress replica (429 past it)."""
     company_inflight_limits: dict[str, int] = Field(default_factory=dict)
     """Per-company in-flight limits overriding max_inflight_per_company (company id → requests)."""
-    step_tokens: int = Field(4096, ge=1)
+    step_tokens: int = Field(256, ge=1)
     """Prompt tokens (prefills of joining requests and scoring passes) one decode step takes in, at least one request."""
-    stream_tokens: int = Field(8, ge=1)
-    """A stream message goes out once this many tokens wait (the first text and the end go at once)."""
-    stream_interval_ms: float = Field(200.0, ge=0)
-    """... or once the oldest waiting token has waited this long; 0 with stream_tokens 1: a message per token."""
+    stream_messages_per_s: float = Field(100.0, gt=0)
+    """Stream messages a model replica sends per second, shared by its open streams (one per open streams ÷ this seconds each, at most 1 s apart; the first text and the end at once)."""
     max_body_bytes: int = Field(1_048_576, ge=1024)
     """Largest request body; a bigger one is refused with 413 before it is read (Content-Length) or as soon as it passes."""
     preauth_rps: float = Field(20.0, gt=0)

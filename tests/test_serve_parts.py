@@ -441,7 +441,7 @@ def test_lease_of_the_bare_base_uses_no_slot():
 def test_a_stream_resumed_from_any_point_finishes_exactly_like_the_original(server, world):
     """What the ingress does when a replica dies mid-stream: resume from the tokens and text sent so far."""
     tok = server.tokenizer
-    server.stream_tokens, server.stream_interval_s = 1, 0.0  # a delta per token: a resume point after each
+    server.stream_messages_per_s = 1e9  # a delta per token: a resume point after each
     base_req = {
         "entries": [e.__dict__ for e in stack_entries(world, "acme/search/dana")],
         "prompt_ids": encode_prompt(tok, "Resume me"),

@@ -142,7 +142,7 @@ class Batcher:
         max_queue: int,
         max_inflight: int | None = None,
         inflight_overrides: dict[str, int] | None = None,
-        step_tokens: int = 4096,
+        step_tokens: int = 256,
         context_limit: int | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> None:

@@ -46,8 +46,8 @@ class ModelServer:
         self.store = open_store(cfg)
         self.metrics = metrics
         s = cfg.serve
-        self.stream_interval_s = s.stream_interval_ms / 1000.0
-        self.stream_tokens = s.stream_tokens
+        self.stream_messages_per_s = s.stream_messages_per_s
+        self.streams = 0  # open streams: they share the message budget
         self.batcher = Batcher(
             self.engine,
             self.tokenizer,
@@ -120,10 +120,12 @@ class ModelServer:
         it), ``end``.
 
         A delta carries every token generated since the previous one. The first text and the end go
-        at once; after that a delta goes when ``serve.stream_tokens`` tokens wait or the oldest of
-        them has waited ``serve.stream_interval_ms``: every message costs the replica, the ingress,
-        the HTTP proxy and the client about the same whatever it carries, and per token it would
-        cost them more than the model's own decode step does.
+        at once; in between, the replica's open streams share a budget of
+        ``serve.stream_messages_per_s`` messages: each stream sends at most one per (open streams ÷
+        budget) seconds, at most a second apart. Every message costs the replica, the ingress, the
+        HTTP proxy and the client about the same whatever it carries, and one message per token
+        would cost them more than the model's own decode step; with few streams a message still
+        goes per token.
 
         A stream the ingress resumes on another replica (the first one died) carries ``resume_ids``
         (tokens generated so far) and ``resume_text`` (text already sent): decoding continues from
@@ -158,50 +160,51 @@ class ModelServer:
             if not jobs:  # resumed right at the length limit, or past a stop string not yet sent
                 yield end("stop" if text.stopped else "length", len(resume_ids))
                 return
-            job, new, oldest, sent_any = jobs[0], [], 0.0, False
-            while True:
-                wait = None  # tokens are waiting: at most until the oldest has waited the interval
-                if new and sent_any:
-                    wait = max(0.0, oldest + self.stream_interval_s - time.perf_counter())
-                try:
-                    events = [
-                        await (job.events.get() if wait is None else asyncio.wait_for(job.events.get(), wait))
-                    ]
-                except TimeoutError:
-                    events = []
-                while not job.events.empty():
-                    events.append(job.events.get_nowait())
-                for event in events:
-                    if isinstance(event, Failed):
-                        raise event.error
-                    if isinstance(event, Done):
-                        gen = event.generation
-                        text.add(gen.token_ids[len(text.ids) - len(resume_ids) :])  # the finishing token
+            job, new, last_sent = jobs[0], [], None
+            self.streams += 1
+            try:
+                while True:
+                    wait = None  # tokens are waiting: at most until this stream's next message is due
+                    if new and last_sent is not None:
+                        wait = max(0.0, last_sent + self._stream_interval() - time.perf_counter())
+                    try:
+                        get = job.events.get()
+                        events = [await (get if wait is None else asyncio.wait_for(get, wait))]
+                    except TimeoutError:
+                        events = []
+                    while not job.events.empty():
+                        events.append(job.events.get_nowait())
+                    for event in events:
+                        if isinstance(event, Failed):
+                            raise event.error
+                        if isinstance(event, Done):
+                            gen = event.generation
+                            text.add(gen.token_ids[len(text.ids) - len(resume_ids) :])  # the finishing token
+                            if text.stopped:
+                                yield end("stop", len(text.ids))
+                            else:
+                                yield end(gen.finish_reason, len(resume_ids) + event.completion_tokens)
+                            return
+                        new.append(event.token_id)
+                        text.add([event.token_id])
                         if text.stopped:
+                            self.batcher.cancel(job)
                             yield end("stop", len(text.ids))
-                        else:
-                            yield end(gen.finish_reason, len(resume_ids) + event.completion_tokens)
-                        return
-                    if not new:
-                        oldest = time.perf_counter()
-                    new.append(event.token_id)
-                    text.add([event.token_id])
-                    if text.stopped:
-                        self.batcher.cancel(job)
-                        yield end("stop", len(text.ids))
-                        return
-                now = time.perf_counter()
-                if new and (
-                    not sent_any or len(new) >= self.stream_tokens or now - oldest >= self.stream_interval_s
-                ):
-                    delta = text.sendable()
-                    if delta:
-                        yield {"type": "delta", "text": delta, "ids": new}
-                        new, sent_any = [], True
-                    else:  # all held back (a stop string may start here): wait another interval
-                        oldest = now
+                            return
+                    now = time.perf_counter()
+                    if new and (last_sent is None or now - last_sent >= self._stream_interval()):
+                        delta = text.sendable()
+                        if delta:
+                            yield {"type": "delta", "text": delta, "ids": new}
+                            new = []
+                        last_sent = now  # (all held back: a stop string may start here; wait a turn)
+            finally:
+                self.streams -= 1
         finally:
             self._release_when_done(jobs, lease)
+
+    def _stream_interval(self) -> float:
+        return min(1.0, self.streams / self.stream_messages_per_s)
 
     def stats(self) -> dict[str, Any]:
         st = self.cache.stats
