@@ -42,12 +42,14 @@ def random_base(path: Path) -> Path:
     return path
 
 
-def step_setup(members: int, rows_each: int):
+def step_setup(members: int, rows_each: int, *, base: Path | None = None, row_len: int = ROW_LEN):
+    """A pack of ``members`` fresh rank-8 adapters on ``base`` (default: this run's base) and one
+    step's rows: ``rows_each`` random rows of ``row_len`` tokens per member."""
     from transformers import AutoModelForCausalLM
 
     from fleet.lora import DEFAULT_TARGET_MODULES, AdapterWeights, LoraEngine, SlotAdamW
 
-    model = AutoModelForCausalLM.from_pretrained(BASE).eval()
+    model = AutoModelForCausalLM.from_pretrained(base or BASE).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     engine = LoraEngine(model, target_modules=DEFAULT_TARGET_MODULES, max_slots=members, max_rank=RANK)
@@ -61,7 +63,7 @@ def step_setup(members: int, rows_each: int):
     opt = SlotAdamW(engine, keys)
     opt.set_lr({k: 1e-3 for k in keys})
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 256, (members * rows_each, ROW_LEN), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (members * rows_each, row_len), generator=g)
     member = torch.arange(members).repeat_interleave(rows_each)
     slots = torch.tensor([[engine.slot(keys[m])] for m in member.tolist()])
     return engine, model, opt, keys, ids, member, slots
@@ -80,9 +82,12 @@ def one_step(engine, model, opt, keys, ids, member, slots) -> None:
     opt.zero_grad()
 
 
-def step_ratio(reps: int) -> dict[str, float]:
-    packed = step_setup(32, ROWS)
-    single = step_setup(1, 32 * ROWS)
+def step_ratio(
+    reps: int, *, members: int = 32, rows: int = ROWS, base: Path | None = None, row_len: int = ROW_LEN
+) -> dict[str, float]:
+    """Tokens/s of one packed step over ``members`` ÷ one single-adapter step on the same rows."""
+    packed = step_setup(members, rows, base=base, row_len=row_len)
+    single = step_setup(1, members * rows, base=base, row_len=row_len)
     for s in (packed, single):
         one_step(*s)  # warm
     tp, ts = [], []
@@ -93,7 +98,7 @@ def step_ratio(reps: int) -> dict[str, float]:
         t = time.perf_counter()
         one_step(*single)
         ts.append(time.perf_counter() - t)
-    tokens = 32 * ROWS * ROW_LEN
+    tokens = members * rows * row_len
     best_p, best_s = sorted(tp)[len(tp) // 2], sorted(ts)[len(ts) // 2]
     return {
         "packed_tokens_per_s": tokens / best_p,
@@ -102,26 +107,30 @@ def step_ratio(reps: int) -> dict[str, float]:
     }
 
 
-def rss_child(members: int) -> float:
+def rss_child(members: int, rows: int = ROWS, row_len: int = ROW_LEN) -> float:
     import resource
 
-    s = step_setup(members, ROWS)
+    s = step_setup(members, rows, row_len=row_len)
     for _ in range(3):
         one_step(*s)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def rss_ratio() -> dict[str, float]:
+def rss_ratio(
+    members: int = 32, *, base: Path | None = None, rows: int = ROWS, row_len: int = ROW_LEN
+) -> dict[str, float]:
+    """Peak RSS of a ``members`` pack ÷ a 1-member pack, each trained 3 steps in its own process."""
     out = {}
-    for k in (1, 32):
-        res = subprocess.run(
-            [sys.executable, __file__, "--rss-child", str(k), "--base", str(BASE)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+    for k in (1, members):
+        cmd = [sys.executable, __file__, "--rss-child", str(k), "--base", str(base or BASE)]
+        cmd += ["--rows", str(rows), "--row-len", str(row_len)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         out[k] = float(res.stdout.strip().splitlines()[-1])
-    return {"peak_rss_1_mib": out[1], "peak_rss_32_mib": out[32], "peak_rss_ratio_32_vs_1": out[32] / out[1]}
+    return {
+        "peak_rss_1_mib": out[1],
+        f"peak_rss_{members}_mib": out[members],
+        f"peak_rss_ratio_{members}_vs_1": out[members] / out[1],
+    }
 
 
 def ray_wall(steps: int) -> dict[str, float]:
@@ -183,11 +192,13 @@ def main() -> None:
     ap.add_argument("--base")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rows", type=int, default=ROWS, help="(--rss-child) rows per member")
+    ap.add_argument("--row-len", type=int, default=ROW_LEN, help="(--rss-child) tokens per row")
     args = ap.parse_args()
     torch.set_num_threads(1)  # fair on a shared 2-core machine: both sides get one core
     if args.rss_child:
         BASE = Path(args.base)
-        print(rss_child(args.rss_child))
+        print(rss_child(args.rss_child, args.rows, args.row_len))
         return
     BASE = random_base(Path(tempfile.mkdtemp(prefix="fleet-bench-base-")) / "base")
     f = {**step_ratio(args.reps), **rss_ratio(), **ray_wall(args.steps)}

@@ -12,6 +12,7 @@ run in other working directories.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -71,7 +72,9 @@ class BaseModelConfig(_Section):
     path: str | None = None
     """Hugging Face causal-LM directory of the shared base. Empty: <data_dir>/base (the tiny offline base, built by `fleet base build`)."""
     name: str = "fleet-tiny-llama"
-    """Name the base is registered under; every model records the base it was trained on."""
+    """Name the base is registered under; every model records the base it was trained on. Not set
+    while base.path is: the name in that directory's fleet_base.json (`fleet base import` writes
+    it), else the directory's name."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype. auto: float32 on CPU, bfloat16 on CUDA."""
     device: str = "auto"
@@ -673,10 +676,21 @@ def _absolutize(cfg: FleetConfig, base_dir: Path) -> FleetConfig:
     cfg.data_dir = str(data)
     if cfg.base.path and not Path(cfg.base.path).is_absolute():
         cfg.base.path = str((base_dir / cfg.base.path).resolve())
+    if cfg.base.path and "name" not in cfg.base.model_fields_set:
+        cfg.base.name = recorded_base_name(Path(cfg.base.path))
     sp = cfg.train.storage_path
     if sp and "://" not in sp and not Path(sp).is_absolute():
         cfg.train.storage_path = str((base_dir / sp).resolve())
     return cfg
+
+
+def recorded_base_name(path: Path) -> str:
+    """The name a base directory's fleet record (fleet_base.json) gives it, else the directory's name."""
+    try:
+        name = json.loads((path / "fleet_base.json").read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return str(name) if isinstance(name, str) and name else path.name
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

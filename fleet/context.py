@@ -27,11 +27,10 @@ class Fleet:
 
     @cached_property
     def tokenizer(self):
-        from transformers import AutoTokenizer
-
         from fleet.base import ensure_base
+        from fleet.base.loading import load_tokenizer
 
-        return AutoTokenizer.from_pretrained(str(ensure_base(self.cfg)))
+        return load_tokenizer(ensure_base(self.cfg))
 
     @property
     def base_name(self) -> str:

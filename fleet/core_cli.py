@@ -154,15 +154,54 @@ def register(app: typer.Typer) -> None:
 
     @base.command("build")
     def base_build(
-        out: str = typer.Option(None, "--out", help="Directory (default: the data dir's base/)."),
+        out: str = typer.Option(
+            None, "--out", help="Directory (default: base.path, else the data dir's base/)."
+        ),
         seed: int = typer.Option(0, "--seed"),
+        force: bool = typer.Option(
+            False, "--force", help="Replace a base fleet built or imported there before."
+        ),
     ) -> None:
-        """Build the tiny offline base model (deterministic, ≤60 s on 2 cores)."""
+        """Build the tiny offline base model (deterministic, ≤60 s on 2 cores).
+
+        The target must be missing, empty, or (with --force) a base fleet wrote: anything else
+        there, such as a real checkpoint, is never replaced."""
         from fleet.base import build_tiny_base
 
         cfg = common.config()
-        path = build_tiny_base(Path(out) if out else cfg.base_path, seed=seed, progress=True)
+        path = build_tiny_base(Path(out) if out else cfg.base_path, seed=seed, progress=True, force=force)
         common.console.print(f"base model written to {path}")
+
+    @base.command("import")
+    def base_import(
+        source: str = typer.Argument(
+            ..., help="A .gguf file, a Hugging Face model directory, or a packaged model's name (smollm2)."
+        ),
+        out: str = typer.Option(None, "--out", help="Directory (default: the data dir's bases/<name>/)."),
+        name: str = typer.Option(
+            None, "--name", help="Name to register the base under (default: the source's)."
+        ),
+        dtype: str = typer.Option(
+            "auto",
+            "--dtype",
+            help="auto (GGUF: float32; a directory: as stored), float32, bfloat16, float16.",
+        ),
+        force: bool = typer.Option(False, "--force", help="Replace a base fleet wrote there before."),
+    ) -> None:
+        """Import a real base model: writes a plain Hugging Face directory plus fleet's base record."""
+        from fleet.base.importing import import_base, resolve_source
+
+        cfg = common.config()
+        target = Path(out) if out else cfg.data_path / "bases" / (name or resolve_source(source).name)
+        path = import_base(source, target, name=name, dtype=dtype, force=force, progress=True)
+        from fleet.base import base_meta
+
+        meta = base_meta(path)
+        common.console.print(
+            f"base {meta['name']} ({meta['architecture']}, {meta['params'] / 1e6:.0f}M parameters, "
+            f"{meta['dtype']}; held-out NLL {meta['heldout_nll']} nats/token) written to {path}"
+        )
+        common.console.print(f"use it with fleet.yaml:\n  base:\n    path: {path}\n    name: {meta['name']}")
 
     app.add_typer(base, name="base")
 

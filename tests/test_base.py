@@ -23,6 +23,7 @@ from fleet.base import (
     build_tiny_base,
     build_tokenizer,
     ensure_base,
+    is_causal_lm_dir,
     load_base,
     resolve_device,
     resolve_dtype,
@@ -275,7 +276,7 @@ def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*_a, **_k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(build_mod, "_quiet_save", boom)
+    monkeypatch.setattr(build_mod, "save_quietly", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         build_tiny_base(tmp_path / "b", progress=False, steps=1)
     assert list(tmp_path.iterdir()) == []
@@ -294,3 +295,51 @@ def test_device_and_dtype_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no GPU"):
             resolve_device("cuda")
+
+
+def test_build_never_replaces_what_fleet_did_not_write(tmp_path, base_dir):
+    from fleet.cli import main
+
+    checkpoint = tmp_path / "llama-3"
+    checkpoint.mkdir()
+    (checkpoint / "model.safetensors").write_bytes(b"weights someone needs")
+    with pytest.raises(ConfigError, match="not a base fleet wrote"):
+        build_tiny_base(checkpoint, progress=False, steps=1)
+    assert (checkpoint / "model.safetensors").read_bytes() == b"weights someone needs"
+    # The CLI says so in one line with exit code 2, also when base.path points there.
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(f"data_dir: {tmp_path / 'data'}\nbase:\n  path: {checkpoint}\n")
+    assert main(["--config", str(cfg), "base", "build"]) == 2
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["model.safetensors"]
+    # A fleet base is replaced only with --force; an empty directory is simply used.
+    fleet_base = tmp_path / "tiny"
+    shutil.copytree(base_dir, fleet_base)
+    with pytest.raises(ConfigError, match="--force"):
+        build_tiny_base(fleet_base, progress=False, steps=1)
+    assert base_meta(fleet_base)["steps"] != 1
+    build_tiny_base(fleet_base, progress=False, steps=1, force=True)
+    assert base_meta(fleet_base)["steps"] == 1
+    (tmp_path / "empty").mkdir()
+    assert is_causal_lm_dir(build_tiny_base(tmp_path / "empty", progress=False, steps=1))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="not a directory"):
+        build_tiny_base(tmp_path / "file", progress=False, steps=1)
+
+
+def test_base_name_comes_from_the_base_record_unless_set(tmp_path, base_dir):
+    from fleet.config import load_config
+
+    imported = tmp_path / "bases" / "some-model"
+    shutil.copytree(base_dir, imported)
+    meta = json.loads((imported / "fleet_base.json").read_text())
+    meta["name"] = "some-model-instruct"
+    (imported / "fleet_base.json").write_text(json.dumps(meta))
+    cfg_file = tmp_path / "fleet.yaml"
+    cfg_file.write_text(f"base:\n  path: {imported}\n")
+    assert load_config(cfg_file, env={}).base.name == "some-model-instruct"
+    cfg_file.write_text(f"base:\n  path: {imported}\n  name: pinned\n")
+    assert load_config(cfg_file, env={}).base.name == "pinned"
+    (imported / "fleet_base.json").unlink()
+    cfg_file.write_text(f"base:\n  path: {imported}\n")
+    assert load_config(cfg_file, env={}).base.name == "some-model"
+    assert load_config(None, env={}).base.name == "fleet-tiny-llama"

@@ -41,18 +41,20 @@ def build_tiny_base(
     seed: int = 0,
     progress: bool = True,
     steps: int | None = None,
+    force: bool = False,
 ) -> Path:
     """Create the tiny offline base in ``out_dir`` and return its path.
 
     Deterministic: the same seed (and steps) gives identical weights on the same
     machine. ``steps`` shortens pre-training (tests); the default is the real build.
     The directory appears complete or not at all (built in a temporary sibling, then
-    renamed); an existing base at ``out_dir`` is replaced.
+    renamed). ``out_dir`` must be missing or empty, or hold a fleet base and ``force``
+    be given (see ``check_replaceable``): nothing else is ever replaced.
     """
     out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_replaceable(out, force=force)
     spec = PretrainSpec() if steps is None else PretrainSpec(steps=steps)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = new_sibling(out, "building")
     started = time.perf_counter()
     try:
         tokenizer = build_tokenizer()
@@ -62,7 +64,7 @@ def build_tiny_base(
             losses = _pretrain_with_progress(model, rows, spec, progress)
             heldout = heldout_nll(model, tokenizer, general_text(64, seed=HELDOUT_SEED))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        _quiet_save(model, tokenizer, tmp)
+        save_quietly(model, tokenizer, tmp)
         meta: dict[str, Any] = {
             "name": TINY_BASE_NAME,
             "seed": seed,
@@ -77,9 +79,9 @@ def build_tiny_base(
             "torch_threads": BUILD_THREADS,
             "tokenizer": "byte-level (256 bytes + 8 special tokens)",
         }
-        meta.update(_fingerprint_record(tmp))
+        meta.update(fingerprint_record(tmp))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _publish(tmp, out)
+        publish_base(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -110,20 +112,39 @@ def _pretrain_with_progress(model, rows, spec: PretrainSpec, progress: bool) -> 
         return pretrain(model, rows, spec, lambda step, loss: bar.update(task, advance=1, loss=loss))
 
 
-def _quiet_save(model, tokenizer, path: Path) -> None:
-    from transformers.utils import logging as hf_logging
+def save_quietly(model, tokenizer, path: Path) -> None:
+    from fleet.base.loading import quiet_transformers
 
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with quiet_transformers():
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def check_replaceable(out: Path, *, force: bool) -> None:
+    """Refuse to write a base over anything but a missing or empty directory, or (with ``force``)
+    a base fleet wrote itself: a real checkpoint or an unrelated directory is never replaced."""
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return
+    if not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory; choose another --out")
+    if not any(out.iterdir()):
+        return
+    if not (out / META_FILE).is_file():
+        raise ConfigError(
+            f"{out} is not empty and is not a base fleet wrote (no {META_FILE}); "
+            "it is left as it is: choose another --out, or remove it yourself"
+        )
+    if not force:
+        raise ConfigError(f"{out} already holds a fleet base; pass --force to replace it")
+
+
+def new_sibling(out: Path, what: str) -> Path:
+    """A fresh temporary path beside ``out`` (same filesystem, so the final rename is atomic)."""
+    return out.parent / f".{out.name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def publish_base(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
     old = None
     if out.exists():
@@ -216,7 +237,7 @@ def _compute_fingerprint(path: Path, files: list[Path]) -> str:
     return h.hexdigest()
 
 
-def _fingerprint_record(path: Path) -> dict[str, Any]:
+def fingerprint_record(path: Path) -> dict[str, Any]:
     files = [path / "config.json", *_weight_files(path)]
     return {
         "fingerprint": _compute_fingerprint(path, files[1:]),
@@ -243,7 +264,7 @@ def base_fingerprint(path: str | os.PathLike[str]) -> str:
     files = [p / "config.json", *_weight_files(p)]
     if meta.get("fingerprint") and meta.get("fingerprint_files") == _stat_key(files):
         return str(meta["fingerprint"])
-    meta.update(_fingerprint_record(p))
+    meta.update(fingerprint_record(p))
     try:
         tmp = meta_path.with_name(f".{META_FILE}.{uuid.uuid4().hex[:8]}")
         tmp.write_text(json.dumps(meta, indent=2) + "\n")

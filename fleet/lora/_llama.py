@@ -1,4 +1,10 @@
-"""A Llama forward with fleet's own per-row KV cache, for generation and continuous batching.
+"""A Llama-family forward with fleet's own per-row KV cache, for generation and continuous batching.
+
+Llama, Mistral and Qwen2 (``fleet.base.loading.SUPPORTED_MODEL_TYPES``) share this decoder layer
+as Hugging Face writes it: RMSNorm, q/k/v/o projections (Qwen2's q/k/v carry biases, which the
+wrapped projections apply), grouped-query attention, rotary embeddings from the model's own
+rotary module (so any RoPE scaling the config names applies), a gated MLP. Sliding-window
+attention is never needed: ``context_window`` caps every sequence at the window.
 
 Why not Hugging Face's ``Cache``: continuous batching needs rows to join a running batch with
 prompts of any length and to leave it without touching the others. HF's caches hold one
@@ -20,18 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from fleet.errors import NotBuiltError
-
-SUPPORTED_MODEL_TYPES = ("llama",)
+from fleet.base.loading import check_architecture
 
 
 def check_supported(model: nn.Module) -> None:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise NotBuiltError(
-            f"fleet's decode path supports {', '.join(SUPPORTED_MODEL_TYPES)} models; this base is {model_type!r}. "
-            "The engine's forward (training, scoring) works for it; generation does not yet."
-        )
+    """Refuse a model whose decoder layer is not the Llama family's (names it and the supported)."""
+    check_architecture(getattr(model, "config", None), where="this base")
 
 
 class KVCache:

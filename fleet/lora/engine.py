@@ -62,7 +62,11 @@ class LoraEngine:
         model.requires_grad_(False)  # the base is frozen; only pool slots ever train
         first = model.get_submodule(targets[0][0])
         device = first.weight.device
-        self.dtype = dtype or first.weight.dtype
+        # Adapters keep float32 slots (and so float32 gradients and optimizer state) under a
+        # bfloat16/float16 base: a rank-r update is small next to W, and half precision would
+        # round most of it away. A float32 or float64 base keeps its own dtype.
+        half = first.weight.dtype in (torch.bfloat16, torch.float16)
+        self.dtype = dtype or (torch.float32 if half else first.weight.dtype)
         n_pool = max_slots + 1  # pool index 0 is the all-zero adapter that "-1 = none" maps to
         self._scale_S = torch.zeros(n_pool, dtype=self.dtype, device=device)
         self._grad_mask_S11 = torch.zeros(n_pool, 1, 1, dtype=self.dtype, device=device)

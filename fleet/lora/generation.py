@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from fleet.base.loading import context_window, stop_token_ids
 from fleet.errors import ValidationError
 from fleet.lora._layer import RowPlan
 from fleet.lora._llama import KVCache, check_supported, decode_step, prefill
@@ -75,8 +76,9 @@ class DecodeBatch:
         check_supported(engine.model)
         self.engine = engine
         self.tokenizer = tokenizer
-        if eos_token_id is None:
-            eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        if eos_token_id is None and tokenizer is not None:
+            # Every token that ends a turn (Llama 3's <|eot_id|> as well as its eos).
+            eos_token_id = list(stop_token_ids(tokenizer)) or None
         if eos_token_id is None:
             eos_token_id = getattr(engine.model.config, "eos_token_id", None)
         self.eos_ids = (
@@ -85,7 +87,7 @@ class DecodeBatch:
             else set([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id)
         )
         config = engine.model.config
-        self.max_positions = getattr(config, "max_position_embeddings", None)
+        self.max_positions = context_window(config)
         weight = engine.model.get_input_embeddings().weight
         self._cache = KVCache(engine.model, dtype=weight.dtype, device=weight.device)
         self._rows: list[_Row] = []
