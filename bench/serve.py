@@ -286,7 +286,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fleet-bench-serve-"))
     console.print(f"building the base and {args.models} adapted + {args.models} plain models in {tmp}")
     cfg, adapted, plain, keys = setup(tmp, args.models)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     url = start(cfg)
     console.print(f"serving at {url}")
 

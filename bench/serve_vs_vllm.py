@@ -231,7 +231,7 @@ def run_fleet(cfg, tree: list[str], keys: dict[str, str], args) -> dict[str, Loa
 
     cfg = cfg.model_copy(deep=True)
     cfg.serve.num_cpus = float(args.threads)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         url = start(cfg)
         deadline = time.time() + 600
@@ -364,6 +364,8 @@ def main() -> None:
             "load_average": list(os.getloadavg()),
         }
         results[base] = fig
+        if not args.no_record:  # each base as soon as it is measured
+            write_results("serve_vs_vllm", {base: fig})
         for label, f_key, v_key in (
             ("16 adapters", "lora16", "lora16"),
             ("128 adapters", "lora128", "lora128"),

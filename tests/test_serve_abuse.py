@@ -46,7 +46,7 @@ def app(tmp_path_factory):
         obj = world.object_path(model, version)
         obj.unlink()
         obj.mkdir()  # the store fails to read it (a directory): trouble, not a missing object
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         url = start(world.cfg)
         yield world, url

@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import logging
 import time
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -503,8 +504,11 @@ class FleetIngress:
                     completion_tokens=n_out,
                 )
 
+        body_iter = events()
+        # Starlette may never start the generator (the client left first): release its slot then too.
+        weakref.finalize(body_iter, release)
         return StreamingResponse(
-            events(),
+            body_iter,
             media_type="text/event-stream",
             headers={SERVED_BY: first["served_by"], "Cache-Control": "no-cache"},
         )

@@ -93,7 +93,10 @@ class ModelServer:
                             break
                         continue
                     gen = event.generation
-                    text.add(gen.token_ids[len(text.ids) :])
+                    if text.stop:
+                        text.add(gen.token_ids[len(text.ids) :])
+                    else:  # nothing to watch for: one decode of the whole completion
+                        text = TextStream(self.tokenizer, ids=gen.token_ids)
                     reason = "stop" if text.stopped else gen.finish_reason
                     n_tokens = len(text.ids) if text.stopped else event.completion_tokens
                     break

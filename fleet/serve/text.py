@@ -37,6 +37,7 @@ class TextStream:
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = [int(t) for t in ids]
         self.text = self._decode(self.ids) if self.ids else ""
+        self._exact = True  # ``text`` is the full decode of ``ids`` (until tokens are added)
         self.sent = sent
         self.final: str | None = None  # the completion's text once a stop string was found
         self._prefix = max(0, len(self.ids) - 4)
@@ -55,6 +56,7 @@ class TextStream:
         if self.stopped:
             return
         for token in tokens:
+            self._exact = False
             self.ids.append(int(token))
             before = self._decode(self.ids[self._prefix : self._read])
             after = self._decode(self.ids[self._prefix :])
@@ -79,7 +81,7 @@ class TextStream:
     def finish(self) -> str:
         """The completion's exact final text (one full decode, cut at a stop string if one was found)."""
         if self.final is None:
-            full = self._decode(self.ids)
+            full = self.text if self._exact else self._decode(self.ids)
             hit = self._first_stop(full, 0)
             self.final = full if hit is None else full[:hit]
         return self.final
