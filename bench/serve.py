@@ -141,6 +141,7 @@ class EngineAlone:
     def tokens_per_s(self, *, rows: int, seconds: float, max_tokens: int, seed: int) -> float:
         import torch
 
+        from fleet.base.loading import stop_token_ids
         from fleet.lora import DecodeBatch
         from fleet.serve.runtime import encode_prompt
 
@@ -150,7 +151,7 @@ class EngineAlone:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in the replica (Ray gives an actor with num_cpus=1 one thread)
         try:
-            batch = DecodeBatch(self.rt.engine, None, eos_token_id=tok.eos_token_id)
+            batch = DecodeBatch(self.rt.engine, None, eos_token_id=list(stop_token_ids(tok)) or None)
             n, tokens = 0, 0
             t0 = time.perf_counter()
             while time.perf_counter() - t0 < seconds:

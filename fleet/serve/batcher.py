@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleet.base.loading import stop_token_ids
 from fleet.errors import FleetError, OverloadedError, RateLimitError, UnavailableError, ValidationError
 from fleet.lora import DecodeBatch, Generation, prompt_logprobs
 
@@ -156,7 +157,8 @@ class Batcher:
         self.step_tokens = step_tokens
         self.context_limit = context_limit
         self._on_step = on_step
-        self._eos = getattr(tokenizer, "eos_token_id", None)
+        # Every token that ends a turn (Llama 3's <|eot_id|>, ChatML's <|im_end|>), as DecodeBatch does.
+        self._eos = (list(stop_token_ids(tokenizer)) or None) if tokenizer is not None else None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fleet-engine")
         self._batch = self._new_batch()
         self._queues: OrderedDict[str, deque[Job]] = OrderedDict()  # company → waiting, next turn first
