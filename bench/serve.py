@@ -11,7 +11,20 @@ app, in alternating rounds in the same process. Then the model deployment gets 2
 is killed (``ray.kill``) a third of the way through a run: errors must stay at 1% or less and the
 service must recover (Serve restarts the replica).
 
-Run: ``.venv/bin/python bench/serve.py`` (the recorded figures; about 6 minutes), or
+Served ÷ engine: in the same run, between the served windows, the engine alone (this process,
+one thread, as the replica runs it) decodes the same kind of traffic: the same Zipf draw of
+models and prompts, 64 requests in flight, each joining as another leaves, 32 tokens each. That
+is the engine's own speed for the batch composition the service saw; ``served_vs_engine_ratio``
+is what the service delivers of it.
+
+The abuse run: a well-behaved company (8 clients, 32-token streams) is timed alone, then while
+an abusive company, from a separate process at nice 19 (its own client work stands for other
+machines), sends 64 MiB bodies, keeps 300 scoring requests (echo + logprobs over ~200-token
+prompts) and 64 long streams (256 tokens) in flight, and floods the API with well-formed
+unknown keys. Refused requests are retried after their ``Retry-After`` (up to 60 s), as the
+official clients do. A prober times ``/healthz`` every 50 ms throughout.
+
+Run: ``.venv/bin/python bench/serve.py`` (the recorded figures; about 10 minutes), or
 ``--duration 10`` for a quick look.
 """
 
@@ -19,27 +32,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import multiprocessing
 import os
-import random
-import socket
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray starts its workers at nice 15 by default; the engine alone and the clients run at nice 0.
+# On a machine shared with other work that would hand the service a fraction of the CPU its
+# engine gets alone: the service's processes run at normal priority here (as `fleet serve` does).
+os.environ.setdefault("RAY_worker_niceness", "0")
 
+from _abuse import run_abuser  # noqa: E402
 from _common import console, percentile, table, write_results  # noqa: E402
+from _load import Load, free_port, run_load, sample_requests  # noqa: E402
 from _tiny import tiny_llama  # noqa: E402
 
 from fleet.base.tokenizer import build_tokenizer  # noqa: E402
@@ -48,13 +63,6 @@ from fleet.context import Fleet  # noqa: E402
 from fleet.serve.sample import publish_random  # noqa: E402
 
 COMPANIES, TEAMS_PER_COMPANY = 10, 4
-WORDS = "fleet model adapter serve batch token tenant company team person stack slot cache ray".split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def org(prefix: str, n_models: int) -> list[str]:
@@ -65,123 +73,17 @@ def org(prefix: str, n_models: int) -> list[str]:
     return companies + teams + people
 
 
-@dataclass
-class Load:
-    """What the clients measured in one window."""
-
-    latencies: list[float] = field(default_factory=list)
-    ttfts: list[float] = field(default_factory=list)
-    tokens: int = 0
-    ok: int = 0
-    errors: dict[int, int] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def add(self, other: Load) -> None:
-        self.latencies += other.latencies
-        self.ttfts += other.ttfts
-        self.tokens += other.tokens
-        self.ok += other.ok
-        self.seconds += other.seconds
-        for k, v in other.errors.items():
-            self.errors[k] = self.errors.get(k, 0) + v
-
-    @property
-    def requests(self) -> int:
-        return self.ok + sum(self.errors.values())
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def errors_5xx(self) -> int:
-        return sum(v for k, v in self.errors.items() if k >= 500)
-
-
-async def one_request(
-    http: httpx.AsyncClient, key: str, model: str, prompt: str, max_tokens: int, load: Load
-):
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    t0 = time.perf_counter()
-    ttft, tokens, status = None, 0, 200
-    try:
-        async with http.stream(
-            "POST", "/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}
-        ) as r:
-            if r.status_code != 200:
-                await r.aread()
-                status = r.status_code
-            else:
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if "error" in event:
-                        status = 500 if event["error"]["type"] == "server_error" else 503
-                        break
-                    if event.get("usage"):
-                        tokens = event["usage"]["completion_tokens"]
-                    elif event["choices"] and event["choices"][0]["text"] and ttft is None:
-                        ttft = time.perf_counter() - t0
-    except httpx.HTTPError:
-        status = 599  # connection-level failure
-    if status == 200:
-        load.ok += 1
-        load.tokens += tokens
-        load.latencies.append(time.perf_counter() - t0)
-        if ttft is not None:
-            load.ttfts.append(ttft)
-    else:
-        load.errors[status] = load.errors.get(status, 0) + 1
-
-
-async def run_load(
-    url: str,
-    models: list[str],
-    keys: dict[str, str],
-    *,
-    clients: int,
-    seconds: float,
-    max_tokens: int,
-    seed: int,
-) -> Load:
-    """``clients`` concurrent clients, each sending one request after another for ``seconds``."""
-    ranks = np.arange(1, len(models) + 1, dtype=float)
-    weights = 1.0 / ranks  # Zipf, s = 1: the most popular model gets 1/H(500) ≈ 15% of requests
-    order = list(models)
-    random.Random(seed).shuffle(order)  # popularity independent of the tree position
-    probs = weights / weights.sum()
-    load = Load()
-    deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-
-    async def client(i: int, http: httpx.AsyncClient) -> None:
-        rng = np.random.default_rng(seed * 1000 + i)
-        words = random.Random(seed * 1000 + i)
-        while time.perf_counter() < deadline:
-            model = order[int(rng.choice(len(order), p=probs))]
-            prompt = " ".join(words.choice(WORDS) for _ in range(words.randint(3, 8)))
-            await one_request(http, keys[model.split("/")[0]], model, prompt, max_tokens, load)
-
-    t0 = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
-        await asyncio.gather(*(client(i, http) for i in range(clients)))
-    load.seconds = time.perf_counter() - t0
-    return load
-
-
 def setup(tmp: Path, n_models: int) -> tuple[FleetConfig, list[str], list[str], dict[str, str]]:
     cfg = load_config(
         overrides={
             "data_dir": str(tmp / "data"),
-            "serve": {"port": free_port(), "rate_limit_rps": 100_000.0, "rate_limit_burst": 100_000},
+            # 512 slots hold every adapter: the service and the engine alone see the same resident set.
+            "serve": {
+                "port": free_port(),
+                "rate_limit_rps": 100_000.0,
+                "rate_limit_burst": 100_000,
+                "adapter_slots": 512,
+            },
         },
         env={},
     )
@@ -207,6 +109,148 @@ def setup(tmp: Path, n_models: int) -> tuple[FleetConfig, list[str], list[str], 
     keys = {c: fl.registry.create_key(c) for c in companies}
     fl.close()
     return cfg, adapted, plain, keys
+
+
+class EngineAlone:
+    """The engine in this process, one thread, with every adapter of ``models`` loaded: what it
+    decodes alone over the same kind of traffic as the clients send (their Zipf draw of models
+    and prompts), ``rows`` requests in flight, each joining (prefilled together with the others
+    joining at that step) as another leaves."""
+
+    def __init__(self, cfg: FleetConfig, models: list[str]) -> None:
+        from fleet.lora import AdapterWeights
+        from fleet.registry import Registry
+        from fleet.serve.runtime import build_runtime
+        from fleet.store import open_store
+
+        self.rt = build_runtime(cfg, slots=len(models) + 8)
+        engine = self.rt.engine
+        registry, store = Registry.open(cfg, migrate=False), open_store(cfg)
+        self.slots: dict[str, list[int]] = {}
+        for m, stack in registry.active_stacks(models).items():
+            row = []
+            for e in stack.entries:
+                if engine.slot(e.key) is None:
+                    files = store.read_version(e.uri, e.sha256)
+                    engine.load(e.key, AdapterWeights.from_bytes(files.config, files.weights))
+                row.append(engine.slot(e.key))
+            self.slots[m] = row or [-1]
+        registry.close()
+        self.models = models
+
+    def tokens_per_s(self, *, rows: int, seconds: float, max_tokens: int, seed: int) -> float:
+        import torch
+
+        from fleet.base.loading import stop_token_ids
+        from fleet.lora import DecodeBatch
+        from fleet.serve.runtime import encode_prompt
+
+        tok = self.rt.tokenizer
+        draws = sample_requests(self.models, clients=rows, per_client=400, seed=seed)
+        todo = [(m, encode_prompt(tok, pr)) for m, pr in draws]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in the replica (Ray gives an actor with num_cpus=1 one thread)
+        try:
+            batch = DecodeBatch(self.rt.engine, None, eos_token_id=list(stop_token_ids(tok)) or None)
+            n, tokens = 0, 0
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                joining = []
+                while batch.active + len(joining) < rows:
+                    m, ids = todo[n % len(todo)]
+                    joining.append((n, ids, self.slots[m], max_tokens))
+                    n += 1
+                if joining:
+                    batch.add_many(joining)
+                for out in batch.step():
+                    tokens += 1
+                    if out.finished:
+                        batch.results.pop(out.request_id)
+            return tokens / (time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def serve_processes() -> dict[str, int]:
+    """PIDs of this cluster's Serve processes: the model replica, the ingress, the HTTP proxy."""
+    import ray
+
+    kinds = {"FleetModel": "replica", "FleetIngress": "ingress", "SERVE_PROXY_ACTOR": "proxy"}
+    out = {}
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        kind = next((v for k, v in kinds.items() if k in a["name"]), None)
+        if kind is not None:
+            actor = ray.get_actor(a["name"], namespace=a["namespace"])
+            out[kind] = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def abuse_run(url: str, cfg: FleetConfig, adapted: list[str], keys: dict[str, str], seconds: float) -> dict:
+    """A well-behaved company timed alone, then while another abuses the service; /healthz probed throughout."""
+    victim = [m for m in adapted if m.split("/")[0] == "co0"]
+    abuser = [m for m in adapted if m.split("/")[0] == "co1"]
+    health: list[float] = []
+    stop = threading.Event()
+
+    def prober() -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    http.get("/healthz").raise_for_status()
+                    health.append(time.perf_counter() - t0)
+                except httpx.HTTPError:
+                    health.append(float("inf"))
+                stop.wait(0.05)
+
+    def victim_load(secs: float, seed: int) -> Load:
+        return asyncio.run(
+            run_load(url, victim, lambda m: keys["co0"], clients=8, seconds=secs, max_tokens=32, seed=seed)
+        )
+
+    victim_load(min(5.0, seconds / 4), seed=50)  # warm its adapters
+    probe = threading.Thread(target=prober, daemon=True)
+    probe.start()
+    alone = victim_load(seconds, seed=51)
+    health_alone = list(health)
+    health.clear()
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    ramp = 5.0
+    proc = ctx.Process(
+        target=run_abuser, args=(url, keys["co1"], abuser, cfg.serve.max_new_tokens, ramp + seconds + 5, out)
+    )
+    proc.start()
+    assert out.get(timeout=300) == "started"
+    time.sleep(ramp)  # the abuser's streams and scoring requests fill up
+    health.clear()
+    attacked = victim_load(seconds, seed=51)
+    health_attacked = list(health)
+    seen = out.get(timeout=300)
+    proc.join(timeout=60)
+    stop.set()
+    probe.join(timeout=5)
+    return {
+        "victim_p99_alone_ms": percentile(alone.latencies, 99) * 1000,
+        "victim_p99_under_abuse_ms": percentile(attacked.latencies, 99) * 1000,
+        "victim_p50_alone_ms": percentile(alone.latencies, 50) * 1000,
+        "victim_p50_under_abuse_ms": percentile(attacked.latencies, 50) * 1000,
+        "victim_p99_ratio_under_abuse": percentile(attacked.latencies, 99) / percentile(alone.latencies, 99),
+        "victim_errors": sum(attacked.errors.values()),
+        "victim_requests_alone": alone.requests,
+        "victim_requests_under_abuse": attacked.requests,
+        "victim_tokens_per_s_alone": alone.tokens_per_s,
+        "victim_tokens_per_s_under_abuse": attacked.tokens_per_s,
+        "healthz_p99_ms_alone": percentile(health_alone, 99) * 1000,
+        "healthz_p99_ms_under_abuse": percentile(health_attacked, 99) * 1000,
+        "abuser_answers": seen,
+    }
 
 
 def model_replicas() -> list:
@@ -243,7 +287,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fleet-bench-serve-"))
     console.print(f"building the base and {args.models} adapted + {args.models} plain models in {tmp}")
     cfg, adapted, plain, keys = setup(tmp, args.models)
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     url = start(cfg)
     console.print(f"serving at {url}")
 
@@ -252,7 +296,7 @@ def main() -> None:
             run_load(
                 url,
                 models,
-                keys,
+                lambda m: keys[m.split("/")[0]],
                 clients=args.clients,
                 seconds=seconds,
                 max_tokens=args.max_tokens,
@@ -263,19 +307,50 @@ def main() -> None:
     # Warm both paths (imports, first loads, the popular adapters) before measuring.
     load(adapted, min(10.0, args.duration / 3), seed=99)
     load(plain, min(5.0, args.duration / 6), seed=98)
+    alone = EngineAlone(cfg, adapted)
     fleet, base = Load(), Load()
+    offline: list[float] = []
+    alone_cpu, alone_tokens = 0.0, 0.0
     window = args.duration / args.rounds
+    handle = serve.get_deployment_handle("FleetModel", cfg.serve.app_name)
+    busy = 0.0
+    pids = serve_processes()
+    cpu = {k: 0.0 for k in ("engine", "replica", "ingress", "proxy", "clients")}
     for r in range(args.rounds):
+        st0 = handle.stats.remote().result()
+        proc0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+        mine0 = time.process_time()
         fleet.add(load(adapted, window, seed=r))
+        st1 = handle.stats.remote().result()
+        busy += st1["engine_s"] - st0["engine_s"]
+        cpu["engine"] += st1["engine_cpu_s"] - st0["engine_cpu_s"]
+        for k, pid in pids.items():
+            cpu[k] += cpu_seconds(pid) - proc0[k]
+        cpu["clients"] += time.process_time() - mine0
         base.add(load(plain, window, seed=r))
-        console.print(
-            f"round {r + 1}: fleet {fleet.tokens_per_s:.0f} tok/s, base {base.tokens_per_s:.0f} tok/s (cumulative)"
+        cpu0 = time.process_time()
+        offline.append(
+            alone.tokens_per_s(rows=args.clients, seconds=window / 2, max_tokens=args.max_tokens, seed=r)
         )
-    stats = serve.get_deployment_handle("FleetModel", cfg.serve.app_name).stats.remote().result()
+        alone_cpu += time.process_time() - cpu0
+        alone_tokens += offline[-1] * window / 2
+        console.print(
+            f"round {r + 1}: fleet {fleet.tokens_per_s:.0f} tok/s, base {base.tokens_per_s:.0f} tok/s, "
+            f"engine alone {offline[-1]:.0f} tok/s"
+        )
+    stats = handle.stats.remote().result()
     console.print(
         f"replica: submit→first token p50 {stats['first_token_p50_s'] * 1000:.0f} ms, "
         f"p99 {stats['first_token_p99_s'] * 1000:.0f} ms; {stats['steps']} steps, engine busy {stats['engine_s']:.1f}s"
     )
+    engine_tps = sum(offline) / len(offline)
+    cpu["replica"] -= cpu["engine"]  # the replica's other threads: event loop, Ray, text, streams
+    per_token = {k: 1000 * v / max(1, fleet.tokens) for k, v in cpu.items()}
+    per_token["engine_alone"] = 1000 * alone_cpu / max(1.0, alone_tokens)
+    console.print("CPU ms per served token: " + ", ".join(f"{k} {v:.2f}" for k, v in per_token.items()))
+    console.print("abuse run: a well-behaved company alone, then under attack by another")
+    abuse = abuse_run(url, cfg, adapted, keys, seconds=args.duration / 2)
+    console.print(f"abuser's answers: {abuse['abuser_answers']}")
 
     # Two replicas, one killed a third of the way through.
     cfg2 = cfg.model_copy(deep=True)
@@ -310,6 +385,12 @@ def main() -> None:
     kill_rate = failed / killed.requests if killed.requests else 1.0
     recovered = "recovered_at" in events and after.ok > 0 and not after.errors
     figures = {
+        "served_vs_engine_ratio": fleet.tokens_per_s / engine_tps,
+        "engine_offline_tokens_per_s": engine_tps,
+        "replica_engine_busy_fraction": busy / fleet.seconds,
+        "cpu_ms_per_token": per_token,
+        **abuse,
+        "load_average": list(os.getloadavg()),
         "throughput_ratio_vs_base": fleet.tokens_per_s / base.tokens_per_s,
         "p50_latency_ms": percentile(fleet.latencies, 50) * 1000,
         "p99_latency_ms": percentile(fleet.latencies, 99) * 1000,
@@ -344,6 +425,11 @@ def main() -> None:
     table(
         f"serving: {args.clients} clients, {args.models} models (Zipf), {args.max_tokens} tokens, {args.duration:g}s",
         [
+            (
+                "served ÷ engine alone (tokens/s)",
+                f"{figures['served_vs_engine_ratio']:.2f}× ({engine_tps:.0f} alone)",
+                "≥ 0.8×",
+            ),
             ("throughput vs base (tokens/s)", f"{figures['throughput_ratio_vs_base']:.2f}×", "≥ 0.5×"),
             ("fleet / base tokens per s", f"{fleet.tokens_per_s:.0f} / {base.tokens_per_s:.0f}", ""),
             (
@@ -358,6 +444,9 @@ def main() -> None:
             ),
             ("5xx errors", str(figures["errors_5xx"]), "0"),
             ("adapter cache hit rate", f"{figures['adapter_cache_hit_rate']:.1%}", ""),
+            ("victim p99 under abuse ÷ alone", f"{abuse['victim_p99_ratio_under_abuse']:.2f}×", "≤ 2×"),
+            ("victim errors under abuse", str(abuse["victim_errors"]), "0"),
+            ("/healthz p99 under abuse", f"{abuse['healthz_p99_ms_under_abuse']:.0f} ms", "≤ 100 ms"),
             ("replica killed: error rate", f"{kill_rate:.2%} ({failed}/{killed.requests})", "≤ 1%"),
             ("replica killed: recovered", f"{recovered} ({figures['replica_kill_recovery_s']:.1f}s)", "yes"),
         ],

@@ -306,6 +306,22 @@ class ServeConfig(_Section):
     """How long a resolved stack is reused before the registry is asked again (promotion latency)."""
     company_rate_limits: dict[str, float] = Field(default_factory=dict)
     """Per-company requests per second overriding rate_limit_rps (company id → rate); the burst scales with it."""
+    max_inflight_per_company: int = Field(64, ge=1)
+    """Requests one company may have waiting or running, per model replica and per ingress replica (429 past it)."""
+    company_inflight_limits: dict[str, int] = Field(default_factory=dict)
+    """Per-company in-flight limits overriding max_inflight_per_company (company id → requests)."""
+    step_tokens: int = Field(256, ge=1)
+    """Prompt tokens (prefills of joining requests and scoring passes) one decode step takes in, at least one request."""
+    stream_messages_per_s: float = Field(100.0, gt=0)
+    """Stream messages a model replica sends per second, shared by its open streams (one per open streams ÷ this seconds each, at most 1 s apart; the first text and the end at once)."""
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    """Largest request body; a bigger one is refused with 413 before it is read (Content-Length) or as soon as it passes."""
+    preauth_rps: float = Field(20.0, gt=0)
+    """Key checks per second one client address may cause (unknown keys, lookups of keys not seen valid lately)."""
+    preauth_burst: int = Field(40, ge=1)
+    """Burst of the per-address key-check bucket."""
+    bad_key_cache_s: float = Field(10.0, ge=0)
+    """How long an unknown key prefix (or a wrong key) is answered 401 without asking the registry."""
 
     @field_validator("company_rate_limits")
     @classmethod
@@ -314,6 +330,14 @@ class ServeConfig(_Section):
         if bad:
             raise ValueError(f"rates must be positive requests per second, got {bad}")
         return rates
+
+    @field_validator("company_inflight_limits")
+    @classmethod
+    def _positive_limits(cls, limits: dict[str, int]) -> dict[str, int]:
+        bad = {k: v for k, v in limits.items() if v < 1}
+        if bad:
+            raise ValueError(f"in-flight limits must be at least 1 request, got {bad}")
+        return limits
 
 
 class DivergenceConfig(_Section):

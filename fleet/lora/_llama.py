@@ -123,11 +123,15 @@ def prefill(
     cache: KVCache | None,
     *,
     all_logits: bool = False,
+    hidden: bool = False,
 ) -> torch.Tensor:
     """Run right-padded prompts; write their keys/values to cache rows ``n..n+B-1`` (if a cache).
 
     Returns the logits of each row's last prompt token ``[B, V]`` (or of every position
-    ``[B, T, V]`` with ``all_logits``; positions past a row's length are junk).
+    ``[B, T, V]`` with ``all_logits``; positions past a row's length are junk). With ``hidden``,
+    the final normed hidden states ``[B, T, D]`` instead, so that a caller needing log-probs at a
+    few positions applies the LM head to those only (a ``[T, V]`` float tensor per prompt is what
+    a long scoring request would otherwise cost).
     """
     embed, layers, norm, rotary, lm_head = _parts(model)
     n_rows, t = ids_BT.shape
@@ -153,6 +157,8 @@ def prefill(
         cache.lengths[base : base + n_rows] = lengths_B
         cache.host_lengths.extend(lengths_B.tolist())
         cache.n += n_rows
+    if hidden:
+        return norm(h)
     if not all_logits:
         h = h[torch.arange(n_rows, device=device), lengths_B - 1][:, None]
     logits = lm_head(norm(h))

@@ -49,6 +49,7 @@ class _Row:
     top_p: float
     stop: list[str]
     generator: torch.Generator | None
+    prompt: list[int] = field(default_factory=list)
     pending: int = -1  # sampled, reported by the next step(), not yet in the cache
     out_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -62,6 +63,11 @@ class DecodeBatch:
     completions wait in ``results`` (request id → ``Generation``) for the caller to pop. The token
     that finishes a row by EOS is reported with ``finish_reason="stop"`` but is not part of the
     completion. Slots are read at every step: do not unload an adapter a live request uses.
+
+    A decode forward that raises does not take the batch down: every row is rebuilt alone from its
+    prompt and the tokens it has so far (one prefill each, the same next token as the failed
+    forward would have given), and a row that fails alone leaves the batch with its exception in
+    ``failures`` (request id → exception) for the caller to pop. The others go on undisturbed.
     """
 
     def __init__(
@@ -87,6 +93,7 @@ class DecodeBatch:
         self._rows: list[_Row] = []
         self._ids: set[Any] = set()
         self.results: dict[Any, Generation] = {}
+        self.failures: dict[Any, BaseException] = {}
         self._plan: RowPlan | None = None
         self._plan_key: tuple[int, int] | None = None
         self._rows_version = 0
@@ -134,6 +141,7 @@ class DecodeBatch:
                     float(top_p),
                     list(stop or []),
                     generator,
+                    prompt,
                 )
             )
             prompts.append(prompt)
@@ -175,12 +183,47 @@ class DecodeBatch:
         for i in reversed(done):  # swap-remove from the back keeps earlier indices valid
             self._remove(i)
         if self._rows:
-            tokens = torch.tensor([r.pending for r in self._rows], device=self.engine.device)
-            with torch.inference_mode(), self.engine.rows(self._current_plan()):
-                logits = decode_step(self.engine.model, tokens, self._cache)
-            for row, token in zip(self._rows, _sample(logits, self._rows), strict=True):
-                row.pending = token
+            try:
+                tokens = torch.tensor([r.pending for r in self._rows], device=self.engine.device)
+                with torch.inference_mode(), self.engine.rows(self._current_plan()):
+                    logits = decode_step(self.engine.model, tokens, self._cache)
+                pending = _sample(logits, self._rows)
+            except Exception:
+                self._rebuild()
+            else:
+                for row, token in zip(self._rows, pending, strict=True):
+                    row.pending = token
         return out
+
+    def _rebuild(self) -> None:
+        """After a failed decode forward: a fresh cache, every row prefilled alone from its prompt and
+        its tokens so far. The token the failed forward was feeding is already in ``out_ids``, so
+        the prefill's last logits give exactly the next token it would have sampled (with the row's
+        own generator, untouched by the failure). Rows that fail alone go to ``failures``."""
+        rows = self._rows
+        weight = self.engine.model.get_input_embeddings().weight
+        self._cache = KVCache(self.engine.model, dtype=weight.dtype, device=weight.device)
+        self._rows, self._ids = [], set()
+        self._rows_version += 1
+        device = self.engine.device
+        for row in rows:
+            ids = row.prompt + row.out_ids
+            try:
+                plan = self.engine.plan([row.slots])
+                self._cache.ensure(self._cache.n + 1, len(row.prompt) + row.max_new_tokens)
+                with torch.inference_mode(), self.engine.rows(plan):
+                    logits = prefill(
+                        self.engine.model,
+                        torch.tensor([ids], device=device),
+                        torch.tensor([len(ids)], device=device),
+                        self._cache,
+                    )
+                row.pending = _sample(logits, [row])[0]
+            except Exception as exc:
+                self.failures[row.request_id] = exc
+                continue
+            self._rows.append(row)
+            self._ids.add(row.request_id)
 
     # ------------------------------------------------------------------ internals
     def _advance(self, row: _Row) -> str | None:
@@ -312,11 +355,20 @@ def generate(
 
 
 def prompt_logprobs(
-    engine: LoraEngine, prompts: Sequence[Sequence[int]], slots_BL: Any, *, top_k: int
+    engine: LoraEngine,
+    prompts: Sequence[Sequence[int]],
+    slots_BL: Any,
+    *,
+    top_k: int,
+    start: Sequence[int] | None = None,
+    chunk: int = 256,
 ) -> list[list[dict]]:
-    """Per prompt token: ``{"token_id", "logprob" (None for the first), "top": [{"token_id", "logprob"}]}``.
+    """Per prompt token from ``start[b]`` on (default 0): ``{"token_id", "logprob", "top": [{"token_id",
+    "logprob"}]}``; the first token of a prompt has ``logprob`` None and an empty ``top``.
 
-    ``top`` holds the ``top_k`` most likely tokens at that position (empty for the first token).
+    ``top`` holds the ``top_k`` most likely tokens at that position (none for ``top_k`` 0). The LM
+    head and the softmax run only at the positions asked for, ``chunk`` positions at a time, so the
+    memory a request costs is bounded by ``chunk × vocabulary``, not by its length.
     """
     check_supported(engine.model)
     ids = _encode(None, prompts)
@@ -325,29 +377,39 @@ def prompt_logprobs(
         raise ValidationError("a prompt needs at least one token")
     if top_k < 0:
         raise ValidationError(f"top_k must be ≥ 0, got {top_k}")
+    starts = [0] * len(ids) if start is None else [max(0, int(s)) for s in start]
+    if len(starts) != len(ids):
+        raise ValidationError(f"{len(ids)} prompts but {len(starts)} start positions")
     device = engine.device
     lengths = torch.tensor([len(p) for p in ids], device=device)
     t = int(lengths.max())
     ids_BT = torch.zeros(len(ids), t, dtype=torch.long, device=device)
     for b, p in enumerate(ids):
         ids_BT[b, : len(p)] = torch.tensor(p, device=device)
+    # Token j (j >= 1) is predicted by position j-1: gather those positions' hidden states only.
+    where = [(b, j) for b, p in enumerate(ids) for j in range(max(1, starts[b]), len(p))]
+    chosen: list[float] = []
+    top_v: list[list[float]] = []
+    top_i: list[list[int]] = []
+    k = min(top_k, engine.model.config.vocab_size)
     with torch.inference_mode(), engine.rows(slots):
-        logits = prefill(engine.model, ids_BT, lengths, None, all_logits=True)
-        logp_BTV = torch.log_softmax(logits.float(), dim=-1)
-        # Position t-1 predicts token t.
-        chosen_BT = logp_BTV[:, :-1].gather(2, ids_BT[:, 1:, None])[..., 0]
-        k = min(top_k, logp_BTV.shape[-1])
-        top_val, top_idx = logp_BTV[:, :-1].topk(k, dim=-1) if k else (None, None)
-    out = []
-    chosen, tv, ti = chosen_BT.tolist(), (top_val.tolist() if k else None), (top_idx.tolist() if k else None)
+        h_BTD = prefill(engine.model, ids_BT, lengths, None, hidden=True)
+        lm_head = engine.model.get_output_embeddings()
+        for c in range(0, len(where), chunk):
+            part = where[c : c + chunk]
+            b_P = torch.tensor([b for b, _ in part], device=device)
+            j_P = torch.tensor([j for _, j in part], device=device)
+            logp_PV = torch.log_softmax(lm_head(h_BTD[b_P, j_P - 1]).float(), dim=-1)
+            chosen += logp_PV.gather(1, ids_BT[b_P, j_P][:, None])[:, 0].tolist()
+            if k:
+                v, i = logp_PV.topk(k, dim=-1)
+                top_v += v.tolist()
+                top_i += i.tolist()
+    out: list[list[dict]] = [[] for _ in ids]
     for b, p in enumerate(ids):
-        entries = [{"token_id": p[0], "logprob": None, "top": []}]
-        for j in range(1, len(p)):
-            top = (
-                [{"token_id": i, "logprob": v} for i, v in zip(ti[b][j - 1], tv[b][j - 1], strict=True)]
-                if k
-                else []
-            )
-            entries.append({"token_id": p[j], "logprob": chosen[b][j - 1], "top": top})
-        out.append(entries)
+        if starts[b] == 0:
+            out[b].append({"token_id": p[0], "logprob": None, "top": []})
+    for n, (b, j) in enumerate(where):
+        top = [{"token_id": i, "logprob": v} for i, v in zip(top_i[n], top_v[n], strict=True)] if k else []
+        out[b].append({"token_id": ids[b][j], "logprob": chosen[n], "top": top})
     return out

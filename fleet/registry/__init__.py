@@ -16,7 +16,7 @@ from fleet.registry import db
 from fleet.registry._context import ContextMixin, IngestCount, NewItem
 from fleet.registry._demand import DemandMixin
 from fleet.registry._drift import DriftMixin
-from fleet.registry._keys import KeysMixin
+from fleet.registry._keys import KeysMixin, key_prefix, well_formed_key
 from fleet.registry._ops import OpsMixin
 from fleet.registry._tenants import TenantsMixin
 from fleet.registry._versions import PublishRequest, VersionsMixin
@@ -32,6 +32,8 @@ from fleet.registry.records import (
 )
 
 __all__ = [
+    "key_prefix",
+    "well_formed_key",
     "IngestCount",
     "ModelRecord",
     "NewItem",

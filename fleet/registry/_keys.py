@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 
 from sqlalchemy import select, update
@@ -20,6 +21,20 @@ from fleet.types import Level, level_of, validate_id
 
 KEYS = ApiKey.__table__
 TENANTS = Tenant.__table__
+
+
+# What create_key makes: 12 hex digits of prefix, 43 URL-safe characters of secret (32 bytes).
+KEY_PATTERN = re.compile(r"fleet_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
+
+
+def well_formed_key(key: str | None) -> bool:
+    """Whether ``key`` has the shape of a fleet key (checked before any database lookup)."""
+    return bool(key) and KEY_PATTERN.fullmatch(key) is not None
+
+
+def key_prefix(key: str) -> str:
+    """The lookup prefix of a well-formed key."""
+    return key.split("_", 2)[1]
 
 
 def _digest(key: str) -> str:
@@ -56,13 +71,15 @@ class KeysMixin(RegistryCore):
         """The company a key belongs to; AuthError for a missing, malformed, unknown or revoked key."""
         if not key:
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
-        parts = key.split("_")
-        if len(parts) < 3 or parts[0] != "fleet":
-            raise AuthError("invalid API key")
+        # ``reason`` (not shown to callers) lets the serving layer cache refusals by prefix or key.
+        if not well_formed_key(key):
+            raise AuthError("invalid API key", reason="malformed")
         with self.read() as conn:
-            row = conn.execute(select(KEYS).where(KEYS.c.prefix == parts[1])).first()
-        if row is None or row.revoked_at is not None or not hmac.compare_digest(row.key_sha256, _digest(key)):
-            raise AuthError("invalid API key")
+            row = conn.execute(select(KEYS).where(KEYS.c.prefix == key_prefix(key))).first()
+        if row is None:
+            raise AuthError("invalid API key", reason="unknown_prefix")
+        if row.revoked_at is not None or not hmac.compare_digest(row.key_sha256, _digest(key)):
+            raise AuthError("invalid API key", reason="refused")
         return row.company_id
 
     def revoke_key(self, prefix: str) -> None:

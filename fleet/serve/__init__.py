@@ -10,10 +10,17 @@ Contract (stable):
 - ``start(cfg, port=)``: deploy on the connected Ray cluster and return the base URL;
   ``run(cfg, port=, address=)``: what ``fleet serve`` does (start, print, wait for Ctrl-C).
 - Responses carry ``X-Fleet-Served-By: <model id>@v<n>`` (or ``base``): the deepest stack level
-  that answered. Errors use OpenAI's JSON error shape with 400/401/404/413/429/503.
+  that answered. Errors use OpenAI's JSON error shape with 400/401/404/413/429/503; every 429
+  carries ``Retry-After``; registry and store trouble is a 503 (or the previous answer), never a 500.
+- What one tenant can take from the others is bounded (``ServeConfig``): body size, requests in
+  flight per company, key checks per client address, prompt tokens per decode step; waiting
+  requests are taken round-robin across companies, and the adapter cache keeps each company a
+  share of the slots.
 - Building blocks without Ray, for tests and tools: ``Batcher`` (continuous batching over a
-  ``DecodeBatch``), ``AdapterCache`` (LRU of adapters in engine slots, pinned while in use,
-  falling back from corrupt or missing versions), ``Tenancy``/``RateLimiter``, ``build_runtime``.
+  ``DecodeBatch``, per-company round-robin admission), ``AdapterCache`` (adapters in engine slots,
+  pinned while in use, a share per company, falling back from corrupt, missing or unreadable
+  versions), ``Tenancy``/``RateLimiter``, ``TextStream`` (incremental detokenization with stop
+  strings), ``build_runtime``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ _EXPORTS = {
     "Lease": "fleet.serve.cache",
     "RateLimiter": "fleet.serve.tenancy",
     "Tenancy": "fleet.serve.tenancy",
+    "TextStream": "fleet.serve.text",
     "build_runtime": "fleet.serve.runtime",
     "SERVED_BY": "fleet.serve.ingress",
 }
@@ -43,6 +51,7 @@ __all__ = [
     "Lease",
     "RateLimiter",
     "Tenancy",
+    "TextStream",
     "build",
     "build_runtime",
     "deployment_options",
@@ -57,6 +66,7 @@ if TYPE_CHECKING:
     from fleet.serve.ingress import SERVED_BY
     from fleet.serve.runtime import build_runtime
     from fleet.serve.tenancy import RateLimiter, Tenancy
+    from fleet.serve.text import TextStream
 
 
 def __getattr__(name: str):

@@ -93,6 +93,9 @@ def run(cfg: FleetConfig, *, port: int | None = None, address: str | None = None
         cfg.ray.address = address
     if not cfg.ray.address:
         _prepare_local(cfg)
+        # Ray starts its workers at nice 15 (so that a driver stays responsive); a local service's
+        # model and HTTP processes should not yield the CPU to every other program on the machine.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     dashboard = ensure_ray(cfg)  # a local Ray's workers inherit this environment, secrets included
     url = start(cfg, port=port)
     echo(f"fleet is serving at {url}/v1  (OpenAI-compatible; model = a fleet model id)")

@@ -13,7 +13,15 @@ the copy into the engine hold the lock.
 
 A version whose object is corrupt or missing is never served: it is remembered as bad for
 ``retry_bad_s``, the previous active version of that model stands in for it, or, when there is
-none, the level is dropped and the ancestors answer. Every such fallback is logged and counted.
+none, the level is dropped and the ancestors answer. A store that cannot be read right now
+(permissions, timeouts: ``UnavailableError``) is the store's trouble, not the version's: the
+previous version stands in for ``retry_unavailable_s``, and without one the request gets a 503
+rather than an answer from fewer levels. Every such fallback is logged and counted.
+
+Eviction keeps every company a share of the slots: the adapters to evict are taken first from the
+requesting company itself once it holds its share (``capacity`` ÷ companies with adapters
+resident), then from companies above their share, least recently used first, and only then from
+anyone. One company cycling through its many models churns its own adapters, not the others'.
 
 No Ray here; the replica wires it to its engine thread and store.
 """
@@ -79,6 +87,7 @@ class AdapterCache:
         apply: Callable[[list[str], list[tuple[str, Any]]], Awaitable[list[int | BaseException]]],
         previous: Callable[[StackEntry], list[StackEntry]],
         retry_bad_s: float = 60.0,
+        retry_unavailable_s: float = 5.0,
         wait_s: float = 30.0,
         on_event: Callable[[str, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -93,6 +102,7 @@ class AdapterCache:
         self._apply = apply
         self._previous = previous
         self.retry_bad_s = retry_bad_s
+        self.retry_unavailable_s = retry_unavailable_s
         self.wait_s = wait_s
         self._on_event = on_event or (lambda kind, status: None)
         self._clock = clock
@@ -137,9 +147,8 @@ class AdapterCache:
                     for k in keys:  # pinned first: our own evictions must not take them
                         self._pins[k] += 1
                     if missing:
-                        self._reserve(
-                            [(e.key, w) for e, w in missing], evictable[: max(0, len(missing) - free)]
-                        )
+                        victims = self._victims(evictable, len(missing) - free, _company(usable[0][0].key))
+                        self._reserve([(e.key, w) for e, w in missing], victims)
                     hits = len(usable) - len(missing)
                     self.stats.hits += hits
                     self.stats.misses += len(missing)
@@ -192,6 +201,27 @@ class AdapterCache:
             freed, self._freed = self._freed, asyncio.Event()
             freed.set()
 
+    def _victims(self, evictable: list[str], n: int, requester: str) -> list[str]:
+        """``n`` of the unpinned ``evictable`` keys (least recently used first) to evict for ``requester``."""
+        if n <= 0:
+            return []
+        held = Counter(_company(k) for k in (*self._slots, *self._installing))
+        share = max(1, self.capacity // len(set(held) | {requester}))
+        left = list(evictable)
+        out: list[str] = []
+        while len(out) < n and left:
+            if held[requester] >= share:
+                pick = next((k for k in left if _company(k) == requester), None)
+            else:
+                pick = None
+            if pick is None:
+                over = [k for k in left if held[_company(k)] > share]
+                pick = over[0] if over else left[0]
+            left.remove(pick)
+            held[_company(pick)] -= 1
+            out.append(pick)
+        return out
+
     def _substituted(self, entries: Sequence[StackEntry]) -> tuple[list[StackEntry], list[str]]:
         """Replace versions known to be bad by their stand-ins (or drop them)."""
         now = self._clock()
@@ -231,11 +261,10 @@ class AdapterCache:
 
     async def _fall_back(self, entry: StackEntry, exc: FleetError) -> tuple[StackEntry, Any] | None:
         """A version cannot be served: find the previous active version that can, or drop the level."""
-        reason = (
-            "corrupt"
-            if exc.code == "integrity_error"
-            else ("missing" if exc.code == "not_found" else "invalid")
+        reason = {"integrity_error": "corrupt", "not_found": "missing", "unavailable": "unavailable"}.get(
+            exc.code, "invalid"
         )
+        hold = self.retry_unavailable_s if reason == "unavailable" else self.retry_bad_s
         self.stats.failed_loads[reason] += 1
         self.stats.fallbacks += 1
         self._on_event("load", reason)
@@ -251,11 +280,16 @@ class AdapterCache:
             except FleetError as prev_exc:
                 log.warning("earlier version %s cannot be served either: %s", prev.key, prev_exc)
                 continue
-            self._bad[entry.key] = _Bad(prev, self._clock() + self.retry_bad_s)
+            self._bad[entry.key] = _Bad(prev, self._clock() + hold)
             self._on_event("fallback", "previous_version")
             log.warning("serving %s in place of %s", prev.key, entry.key)
             return prev, weights
-        self._bad[entry.key] = _Bad(None, self._clock() + self.retry_bad_s)
+        if reason == "unavailable":  # the store's trouble: no answer from fewer levels, a 503
+            raise UnavailableError(
+                "the adapter store cannot be read right now; retry shortly",
+                retry_after=self.retry_unavailable_s,
+            ) from None
+        self._bad[entry.key] = _Bad(None, self._clock() + hold)
         self._on_event("fallback", "ancestor")
         log.warning("serving %s without its own adapter (its ancestors' only)", entry.model_id)
         return None
@@ -302,3 +336,8 @@ class AdapterCache:
                 log.error("loading adapter %s into the engine failed: %s", k, slot)
         freed, self._freed = self._freed, asyncio.Event()
         freed.set()
+
+
+def _company(key: str) -> str:
+    """The company of an adapter key (``acme/search@v3`` → ``acme``)."""
+    return key.split("@", 1)[0].split("/", 1)[0]

@@ -1,19 +1,27 @@
 """``FleetIngress``: the OpenAI-compatible HTTP API (FastAPI on Serve).
 
-Per request: bearer key → company (401) → the company's rate (429) → body (400) → model id →
-active stack (404, the same for unknown and foreign models) → prompt tokens (413 past the
-context) → the model deployment, routed by the stack (``route_id``) as Serve's multiplexed
-model id. The response names the stack that answered in ``X-Fleet-Served-By``. Errors use
-OpenAI's JSON shape. A replica that dies before answering is retried on another; a stream whose
-replica dies continues on another from the tokens already sent.
+Per request: body size (413 from ``Content-Length`` before a byte of the body is read) → bearer
+key → company (401; a per-address limit on key checks, 429) → the company's rate and its requests
+in flight (429 with ``Retry-After``) → the body, read up to ``serve.max_body_bytes`` (413 past
+it) → parsed, validated and tokenized in a worker thread, at most two bodies per company at a
+time (400; 413 past the context) → model id → active stack (404, the same for unknown and
+foreign models) → the model deployment, routed by the stack (``route_id``) as Serve's
+multiplexed model id. The event loop never parses or tokenizes, so ``/healthz`` and every other
+request go on while big bodies arrive. The response names the stack that answered in
+``X-Fleet-Served-By``. Errors use OpenAI's JSON shape; registry or store trouble is a 503, never
+a 500. A replica that dies before answering is retried on another; a stream whose replica dies
+continues on another from the tokens already sent.
 """
 
 import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import asdict
+import weakref
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,7 +30,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fleet.errors import FleetError, OverloadedError, UnavailableError, ValidationError
+from fleet.errors import FleetError, OverloadedError, RateLimitError, UnavailableError, ValidationError
 from fleet.registry import Registry, Stack
 from fleet.serve import protocol as p
 from fleet.serve.metrics import ServeMetrics
@@ -35,6 +43,18 @@ INGRESS_DEPLOYMENT = "FleetIngress"
 SERVED_BY = "X-Fleet-Served-By"
 HEALTH_PATH = "/healthz"
 RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0)
+PARSE_THREADS = 2  # worker threads that parse and tokenize request bodies
+PARSE_PER_COMPANY = 2  # bodies of one company parsed at a time: the others' wait is bounded
+
+
+@dataclass
+class Prepared:
+    """A request body parsed, validated and tokenized (in a worker thread)."""
+
+    body: Any
+    ids: list[int]
+    max_tokens: int
+    echo: str = ""
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
@@ -135,10 +155,22 @@ class FleetIngress:
         self.model = model
         self.tokenizer = load_tokenizer(cfg)
         self.context_limit = context_limit(cfg, self.tokenizer)
-        self.tenancy = Tenancy(Registry.open(cfg, migrate=False), cache_s=s.stack_cache_s)
+        # A text longer than this cannot fit the context whatever it tokenizes to: 413 untokenized.
+        self.max_prompt_chars = 2 * self.context_limit * max(len(t) for t in self.tokenizer.get_vocab())
+        preauth = RateLimiter(s.preauth_rps, s.preauth_burst, label="key checks from this client address")
+        self.tenancy = Tenancy(
+            Registry.open(cfg, migrate=False),
+            cache_s=s.stack_cache_s,
+            bad_key_s=s.bad_key_cache_s,
+            preauth=preauth,
+        )
         self.limiter = RateLimiter(s.rate_limit_rps, s.rate_limit_burst, s.company_rate_limits)
         self.metrics = ServeMetrics(INGRESS_DEPLOYMENT)
         self._retryable = _retryable()
+        self._inflight: Counter[str] = Counter()
+        self._duration: dict[str, float] = {}  # company → recent request duration, s (Retry-After)
+        self._parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="fleet-parse")
+        self._parse_gates: dict[str, asyncio.Semaphore] = {}
 
     # ------------------------------------------------------------------ routes
     @app.get(HEALTH_PATH)
@@ -165,79 +197,158 @@ class FleetIngress:
 
     @app.post("/v1/completions", openapi_extra=_body_schema(p.CompletionRequest))
     async def completions(self, request: Request) -> Response:
-        t0, tier = time.perf_counter(), "unknown"
-        try:
-            company = await self._admit(request)
-            body: p.CompletionRequest = p.parse(p.CompletionRequest, await request.body()).checked()
-            stack = await self.tenancy.stack(company, body.model)
-            tier = level_of(body.model).value
-            prompt = body.single_prompt()
-            ids = encode_prompt(self.tokenizer, prompt)
-            max_tokens = self._max_tokens(body.max_tokens, len(ids), default=16)
-            if max_tokens == 0 and not body.echo:
-                raise ValidationError("max_tokens=0 needs echo=true (score the prompt)", param="max_tokens")
-            echo = (
-                ""
-                if not body.echo
-                else (
-                    prompt
-                    if isinstance(prompt, str)
-                    else self.tokenizer.decode(ids, skip_special_tokens=True)
-                )
-            )
-            payload = self._payload(body, stack, ids, max_tokens, logprobs=body.logprobs, echo=body.echo)
-            reply = p.Reply()
-            if body.stream:
-                if max_tokens == 0:
-                    raise ValidationError("stream=true needs max_tokens >= 1", param="max_tokens")
-                return await self._stream(
-                    stack, payload, body, reply, tier, t0, len(ids), echo=echo, chat=False
-                )
-            out = await self._call(stack, payload)
-            use = p.usage(len(ids), out["completion_tokens"])
-            result = p.completion_response(
-                reply, body.model, echo + out["text"], out["finish_reason"], out["logprobs"], use
-            )
-            self.metrics.request(
-                tier, 200, time.perf_counter() - t0, ttft_s=out["ttft_s"],
-                prompt_tokens=len(ids), completion_tokens=out["completion_tokens"],
-            )  # fmt: skip
-            return JSONResponse(result, headers={SERVED_BY: out["served_by"]})
-        except FleetError as exc:
-            return self._error(exc, tier, t0)
+        return await self._generate(request, chat=False)
 
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(p.ChatRequest))
     async def chat_completions(self, request: Request) -> Response:
-        t0, tier = time.perf_counter(), "unknown"
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Request, *, chat: bool) -> Response:
+        t0, tier, release = time.perf_counter(), "unknown", None
         try:
+            self._check_length(request)
             company = await self._admit(request)
-            body: p.ChatRequest = p.parse(p.ChatRequest, await request.body()).checked()
+            release = self._enter(company)
+            prep = await self._prepare(company, await self._read_body(request), chat=chat)
+            body = prep.body
             stack = await self.tenancy.stack(company, body.model)
             tier = level_of(body.model).value
-            ids = encode_chat(self.tokenizer, body.template_messages())
-            max_tokens = self._max_tokens(
-                body.max_completion_tokens or body.max_tokens, len(ids), default=None
+            logprobs = None if chat else body.logprobs
+            payload = self._payload(
+                body, stack, prep, company, logprobs=logprobs, echo=not chat and body.echo
             )
-            payload = self._payload(body, stack, ids, max_tokens, logprobs=None, echo=False)
             reply = p.Reply()
             if body.stream:
-                return await self._stream(stack, payload, body, reply, tier, t0, len(ids), echo="", chat=True)
+                response = await self._stream(
+                    stack,
+                    payload,
+                    body,
+                    reply,
+                    tier,
+                    t0,
+                    len(prep.ids),
+                    echo=prep.echo,
+                    chat=chat,
+                    release=release,
+                )
+                release = None  # the stream lets go when it ends
+                return response
             out = await self._call(stack, payload)
-            use = p.usage(len(ids), out["completion_tokens"])
+            use = p.usage(len(prep.ids), out["completion_tokens"])
+            if chat:
+                result = p.chat_response(reply, body.model, out["text"], out["finish_reason"], use)
+            else:
+                text = prep.echo + out["text"]
+                result = p.completion_response(
+                    reply, body.model, text, out["finish_reason"], out["logprobs"], use
+                )
             self.metrics.request(
                 tier, 200, time.perf_counter() - t0, ttft_s=out["ttft_s"],
-                prompt_tokens=len(ids), completion_tokens=out["completion_tokens"],
+                prompt_tokens=len(prep.ids), completion_tokens=out["completion_tokens"],
             )  # fmt: skip
-            result = p.chat_response(reply, body.model, out["text"], out["finish_reason"], use)
             return JSONResponse(result, headers={SERVED_BY: out["served_by"]})
         except FleetError as exc:
             return self._error(exc, tier, t0)
+        finally:
+            if release is not None:
+                release()
 
     # ------------------------------------------------------------------ steps
     async def _admit(self, request: Request) -> str:
-        company = await self.tenancy.company(request.headers.get("authorization"))
+        client = request.client.host if request.client else None
+        company = await self.tenancy.company(request.headers.get("authorization"), client)
         self.limiter.check(company)
         return company
+
+    def _check_length(self, request: Request) -> None:
+        """413 from the declared length, before any of the body is read."""
+        declared = request.headers.get("content-length")
+        if declared is None:
+            return
+        if not declared.strip().isdigit():
+            raise ValidationError("invalid Content-Length header")
+        if int(declared) > self.cfg.serve.max_body_bytes:
+            raise p.BodyTooLargeError(
+                f"the request body has {int(declared)} bytes; the limit is {self.cfg.serve.max_body_bytes}"
+            )
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused (413) as soon as it passes the limit (a chunked body declares no length)."""
+        limit, parts, size = self.cfg.serve.max_body_bytes, [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise p.BodyTooLargeError(f"the request body is larger than the limit of {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _enter(self, company: str) -> Callable[[], None]:
+        """Count a request of ``company`` in flight (429 past its limit); returns the release."""
+        s = self.cfg.serve
+        limit = s.company_inflight_limits.get(company, s.max_inflight_per_company) * max(1, s.max_replicas)
+        if self._inflight[company] >= limit:
+            # When to come back: about when the requests in flight now are done (their recent duration).
+            wait = min(30.0, max(1.0, self._duration.get(company, 1.0)))
+            raise RateLimitError(
+                f"too many requests in flight for company {company!r} (limit {limit}); retry in {wait:.0f}s",
+                retry_after=wait,
+            )
+        self._inflight[company] += 1
+        done, t0 = False, time.perf_counter()
+
+        def release() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._inflight[company] -= 1
+                if self._inflight[company] <= 0:
+                    del self._inflight[company]
+                took = time.perf_counter() - t0
+                self._duration[company] = 0.8 * self._duration.get(company, took) + 0.2 * took
+
+        return release
+
+    async def _prepare(self, company: str, raw: bytes, *, chat: bool) -> Prepared:
+        """Parse, validate and tokenize in a worker thread; a company waits for its own bodies only."""
+        gate = self._parse_gates.get(company)
+        if gate is None:
+            gate = self._parse_gates[company] = asyncio.Semaphore(PARSE_PER_COMPANY)
+        async with gate:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._parse_pool, self._prepare_sync, raw, chat)
+
+    def _prepare_sync(self, raw: bytes, chat: bool) -> Prepared:
+        if chat:
+            body = p.parse(p.ChatRequest, raw).checked()
+            messages = body.template_messages()
+            self._check_chars(sum(len(m["content"]) for m in messages))
+            ids = encode_chat(self.tokenizer, messages)
+            max_tokens = self._max_tokens(
+                body.max_completion_tokens or body.max_tokens, len(ids), default=None
+            )
+            return Prepared(body, ids, max_tokens)
+        body = p.parse(p.CompletionRequest, raw, max_ids=self.context_limit).checked()
+        prompt = body.single_prompt()
+        if isinstance(prompt, str):
+            self._check_chars(len(prompt))
+        ids = encode_prompt(self.tokenizer, prompt)
+        max_tokens = self._max_tokens(body.max_tokens, len(ids), default=16)
+        if max_tokens == 0 and not body.echo:
+            raise ValidationError("max_tokens=0 needs echo=true (score the prompt)", param="max_tokens")
+        if body.stream and max_tokens == 0:
+            raise ValidationError("stream=true needs max_tokens >= 1", param="max_tokens")
+        echo = ""
+        if body.echo:
+            echo = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, skip_special_tokens=True)
+        return Prepared(body, ids, max_tokens, echo)
+
+    def _check_chars(self, n: int) -> None:
+        if n > self.max_prompt_chars:
+            raise p.ContextLengthError(
+                f"the prompt has {n} characters; it cannot fit this model's context of "
+                f"{self.context_limit} tokens",
+                param="prompt",
+            )
 
     def _model_card(self, m: Any) -> dict[str, Any]:
         return {
@@ -267,12 +378,13 @@ class FleetIngress:
         return min(requested, room)
 
     def _payload(
-        self, body: Any, stack: Stack, ids: list[int], max_tokens: int, *, logprobs, echo: bool
+        self, body: Any, stack: Stack, prep: Prepared, company: str, *, logprobs, echo: bool
     ) -> dict:
         return {
             "entries": [asdict(e) for e in stack.entries],
-            "prompt_ids": ids,
-            "max_tokens": max_tokens,
+            "company": company,
+            "prompt_ids": prep.ids,
+            "max_tokens": prep.max_tokens,
             "temperature": body.temperature,
             "top_p": body.top_p,
             "stop": body.stop_list(),
@@ -316,7 +428,7 @@ class FleetIngress:
 
     async def _stream(
         self, stack: Stack, payload: dict, body: Any, reply: p.Reply, tier: str, t0: float, n_prompt: int,
-        *, echo: str, chat: bool,
+        *, echo: str, chat: bool, release: Callable[[], None],
     ) -> Response:  # fmt: skip
         gen, first = await self._open_stream(stack, payload)
         model = body.model
@@ -382,6 +494,7 @@ class FleetIngress:
             finally:
                 if not finished:
                     gen.cancel()
+                release()
                 self.metrics.request(
                     tier,
                     status,
@@ -391,8 +504,11 @@ class FleetIngress:
                     completion_tokens=n_out,
                 )
 
+        body_iter = events()
+        # Starlette may never start the generator (the client left first): release its slot then too.
+        weakref.finalize(body_iter, release)
         return StreamingResponse(
-            events(),
+            body_iter,
             media_type="text/event-stream",
             headers={SERVED_BY: first["served_by"], "Cache-Control": "no-cache"},
         )

@@ -156,14 +156,20 @@ class ChatRequest(_Sampling):
         ]
 
 
-def parse(model: type[BaseModel], raw: bytes) -> Any:
-    """Decode and validate a JSON body; every problem is a 400 naming the offending field."""
+def parse(model: type[BaseModel], raw: bytes, *, max_ids: int | None = None) -> Any:
+    """Decode and validate a JSON body; every problem is a 400 naming the offending field.
+
+    ``max_ids``: a prompt of token ids longer than this is a 413 (``context_length_exceeded``)
+    before the ids are validated one by one.
+    """
     try:
         data = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ValidationError(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValidationError("the request body must be a JSON object")
+    if max_ids is not None:
+        _check_id_lists(data.get("prompt"), max_ids)
     _check_strings(data)
     try:
         return model.model_validate(data)
@@ -173,6 +179,17 @@ def parse(model: type[BaseModel], raw: bytes) -> Any:
         raise ValidationError(f"invalid request: {loc}: {err['msg']}", param=loc or None) from None
     except (ValueError, TypeError, RecursionError) as exc:
         raise ValidationError(f"invalid request: {exc}") from None
+
+
+def _check_id_lists(prompt: Any, max_ids: int) -> None:
+    lists = [prompt] if isinstance(prompt, list) else []
+    if lists and prompt and isinstance(prompt[0], list):
+        lists = prompt
+    for ids in lists:
+        if isinstance(ids, list) and len(ids) > max_ids and not (ids and isinstance(ids[0], str)):
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens; this model's context is {max_ids} tokens", param="prompt"
+            )
 
 
 def _check_strings(value: Any) -> None:
@@ -211,6 +228,13 @@ class ContextLengthError(FleetError):
 
     http_status = 413
     code = "context_length_exceeded"
+
+
+class BodyTooLargeError(FleetError):
+    """The request body is larger than ``serve.max_body_bytes``; refused before (or while) it is read."""
+
+    http_status = 413
+    code = "request_too_large"
 
 
 class ModelNotFoundError(NotFoundError):

@@ -10,19 +10,22 @@ other request in flight, release the pins when the row has left the batch.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
-from fleet.errors import FleetError, UnsupportedAdapterError
-from fleet.lora import AdapterWeights, Generation, prompt_logprobs
+from fleet.errors import FleetError, UnavailableError, UnsupportedAdapterError
+from fleet.lora import AdapterWeights
 from fleet.registry import Registry, StackEntry
-from fleet.serve.batcher import Batcher, Done, Failed, Job
+from fleet.serve.batcher import Batcher, Done, Failed, Job, Token
 from fleet.serve.cache import AdapterCache, Lease
 from fleet.serve.metrics import ServeMetrics
 from fleet.serve.runtime import build_runtime, config_from_args, token_text
+from fleet.serve.text import TextStream
 from fleet.store import open_store
 from fleet.types import AdapterState
 
@@ -43,12 +46,17 @@ class ModelServer:
         self.store = open_store(cfg)
         self.metrics = metrics
         s = cfg.serve
+        self.stream_messages_per_s = s.stream_messages_per_s
+        self.streams = 0  # open streams: they share the message budget
         self.batcher = Batcher(
             self.engine,
             self.tokenizer,
             max_batch_size=s.max_batch_size,
             batch_wait_s=s.batch_wait_ms / 1000.0,
             max_queue=s.max_queue,
+            max_inflight=s.max_inflight_per_company,
+            inflight_overrides=s.company_inflight_limits,
+            step_tokens=s.step_tokens,
             context_limit=self.runtime.context_limit,
             on_step=metrics.batch_size if metrics else None,
         )
@@ -64,108 +72,142 @@ class ModelServer:
     async def generate(self, req: dict[str, Any]) -> dict[str, Any]:
         """One request to completion: text, finish reason, token counts, optional log-probs."""
         lease = await self.cache.acquire(_entries(req))
-        job: Job | None = None
+        jobs: list[Job] = []
         try:
-            gen, n_tokens, ttft = Generation([], "", "length"), 0, None
+            text = TextStream(self.tokenizer, req.get("stop") or [])
+            token_ids: list[int] = []
+            reason, n_tokens, ttft = "length", 0, None
             if req["max_tokens"] > 0:
-                job = self.batcher.submit(_job(req, lease))
+                # Token events only when a stop string has to be watched for; else just the end.
+                job = self.batcher.submit(_job(req, lease, tokens=bool(text.stop)))
+                jobs.append(job)
                 while True:
                     event = await job.events.get()
-                    if isinstance(event, Done):
-                        gen, n_tokens = event.generation, event.completion_tokens
-                        ttft = (job.first_token_at or job.submitted_at) - job.submitted_at
-                        break
                     if isinstance(event, Failed):
                         raise event.error
+                    if isinstance(event, Token):
+                        text.add([event.token_id])
+                        if text.stopped:  # the row leaves at the next step boundary
+                            self.batcher.cancel(job)
+                            reason, n_tokens = "stop", len(text.ids)
+                            break
+                        continue
+                    gen = event.generation
+                    if text.stop:
+                        text.add(gen.token_ids[len(text.ids) :])
+                    else:  # nothing to watch for: one decode of the whole completion
+                        text = TextStream(self.tokenizer, ids=gen.token_ids)
+                    reason = "stop" if text.stopped else gen.finish_reason
+                    n_tokens = len(text.ids) if text.stopped else event.completion_tokens
+                    break
+                ttft = (job.first_token_at or job.submitted_at) - job.submitted_at
+                token_ids = list(text.ids)
+            final = text.finish()
             logprobs = None
             if req.get("logprobs") is not None:
-                logprobs = await self._logprobs(req, lease, gen)
+                logprobs = await self._logprobs(req, lease, token_ids, jobs, first=not jobs)
             return {
                 "served_by": lease.served_by,
                 "fallbacks": len(lease.fallbacks),
-                "text": gen.text,
-                "finish_reason": gen.finish_reason,
+                "text": final,
+                "finish_reason": reason,
                 "completion_tokens": n_tokens,
                 "logprobs": logprobs,
                 "ttft_s": ttft,
             }
         finally:
-            self._release_when_done(job, lease)
+            self._release_when_done(jobs, lease)
 
     async def stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The same, as chunks: ``start`` (who serves it), ``delta`` (text, and the token ids behind
         it), ``end``.
 
+        A delta carries every token generated since the previous one. The first text and the end go
+        at once; in between, the replica's open streams share a budget of
+        ``serve.stream_messages_per_s`` messages: each stream sends at most one per (open streams ÷
+        budget) seconds, at most a second apart. Every message costs the replica, the ingress, the
+        HTTP proxy and the client about the same whatever it carries, and one message per token
+        would cost them more than the model's own decode step; with few streams a message still
+        goes per token.
+
         A stream the ingress resumes on another replica (the first one died) carries ``resume_ids``
         (tokens generated so far) and ``resume_text`` (text already sent): decoding continues from
-        there and the client sees one uninterrupted completion. Stop strings are checked here, token
-        by token over the whole completion, so one that straddles the resume point is still found.
+        there and the client sees one uninterrupted completion. Stop strings are checked here, over
+        the whole completion, so one that straddles the resume point is still found.
         """
         resume_ids = [int(t) for t in req.get("resume_ids") or []]
-        emitted = str(req.get("resume_text") or "")
-        stop = list(req.get("stop") or [])
-        longest = max((len(s) for s in stop), default=0)
         remaining = int(req["max_tokens"]) - len(resume_ids)
+        text = TextStream(
+            self.tokenizer, req.get("stop") or [], ids=resume_ids, sent=str(req.get("resume_text") or "")
+        )
         lease = await self.cache.acquire(_entries(req))
-        job: Job | None = None
+        jobs: list[Job] = []
         try:
-            if remaining > 0:
+            if remaining > 0 and not text.stopped:
                 prompt = list(req["prompt_ids"]) + resume_ids
-                job = self.batcher.submit(
-                    _job({**req, "prompt_ids": prompt, "max_tokens": remaining, "stop": []}, lease)
+                jobs.append(
+                    self.batcher.submit(
+                        _job({**req, "prompt_ids": prompt, "max_tokens": remaining}, lease, tokens=True)
+                    )
                 )
             yield {"type": "start", "served_by": lease.served_by, "fallbacks": len(lease.fallbacks)}
-            ids = list(resume_ids)
-            checked = len(self.tokenizer.decode(ids)) if ids else 0
 
-            def take(token: int) -> str | None:
-                """Add a token; the completion's final text if it now contains a stop string."""
-                nonlocal checked
-                ids.append(token)
-                text = self.tokenizer.decode(ids)
-                hit = _first_stop(text, stop, max(0, checked - longest))
-                checked = len(text)
-                return None if hit is None else text[:hit]
+            def end(reason: str, n_tokens: int) -> dict[str, Any]:
+                return {
+                    "type": "end",
+                    "text": text.rest(),
+                    "finish_reason": reason,
+                    "completion_tokens": n_tokens,
+                }
 
-            def end(final: str, reason: str, n_tokens: int) -> dict[str, Any]:
-                tail = final[len(emitted) :] if final.startswith(emitted) else ""
-                return {"type": "end", "text": tail, "finish_reason": reason, "completion_tokens": n_tokens}
-
-            if job is None:  # resumed right at the length limit
-                yield end(self.tokenizer.decode(ids), "length", len(ids))
+            if not jobs:  # resumed right at the length limit, or past a stop string not yet sent
+                yield end("stop" if text.stopped else "length", len(resume_ids))
                 return
-            while True:
-                events = [await job.events.get()]
-                while not job.events.empty():
-                    events.append(job.events.get_nowait())
-                new: list[int] = []
-                for event in events:
-                    if isinstance(event, Failed):
-                        raise event.error
-                    if isinstance(event, Done):
-                        gen = event.generation
-                        for token in gen.token_ids[len(ids) - len(resume_ids) :]:  # the finishing token
-                            if (final := take(token)) is not None:
-                                yield end(final, "stop", len(ids))
-                                return
-                        n_tokens = len(resume_ids) + event.completion_tokens
-                        yield end(self.tokenizer.decode(ids), gen.finish_reason, n_tokens)
-                        return
-                    new.append(event.token_id)
-                    if (final := take(event.token_id)) is not None:
-                        yield end(final, "stop", len(ids))
-                        return
-                text = self.tokenizer.decode(ids)
-                # Text a stop string may still swallow waits. So does a final U+FFFD: it may be an
-                # incomplete UTF-8 sequence that the next token completes (lossy decoding turns an
-                # incomplete tail into exactly one U+FFFD; earlier ones are final).
-                safe = text[: len(text) - longest + 1] if longest > 1 else text
-                safe = safe[:-1] if safe.endswith("\ufffd") else safe
-                delta = safe[len(emitted) :] if len(safe) > len(emitted) and safe.startswith(emitted) else ""
-                emitted += delta
-                yield {"type": "delta", "text": delta, "ids": new}
+            job, new, last_sent = jobs[0], [], None
+            self.streams += 1
+            try:
+                while True:
+                    wait = None  # tokens are waiting: at most until this stream's next message is due
+                    if new and last_sent is not None:
+                        wait = max(0.0, last_sent + self._stream_interval() - time.perf_counter())
+                    try:
+                        get = job.events.get()
+                        events = [await (get if wait is None else asyncio.wait_for(get, wait))]
+                    except TimeoutError:
+                        events = []
+                    while not job.events.empty():
+                        events.append(job.events.get_nowait())
+                    for event in events:
+                        if isinstance(event, Failed):
+                            raise event.error
+                        if isinstance(event, Done):
+                            gen = event.generation
+                            text.add(gen.token_ids[len(text.ids) - len(resume_ids) :])  # the finishing token
+                            if text.stopped:
+                                yield end("stop", len(text.ids))
+                            else:
+                                yield end(gen.finish_reason, len(resume_ids) + event.completion_tokens)
+                            return
+                        new.append(event.token_id)
+                        text.add([event.token_id])
+                        if text.stopped:
+                            self.batcher.cancel(job)
+                            yield end("stop", len(text.ids))
+                            return
+                    now = time.perf_counter()
+                    if new and (last_sent is None or now - last_sent >= self._stream_interval()):
+                        delta = text.sendable()
+                        if delta:
+                            yield {"type": "delta", "text": delta, "ids": new}
+                            new = []
+                        last_sent = now  # (all held back: a stop string may start here; wait a turn)
+            finally:
+                self.streams -= 1
         finally:
-            self._release_when_done(job, lease)
+            self._release_when_done(jobs, lease)
+
+    def _stream_interval(self) -> float:
+        return min(1.0, self.streams / self.stream_messages_per_s)
 
     def stats(self) -> dict[str, Any]:
         st = self.cache.stats
@@ -179,46 +221,74 @@ class ModelServer:
             "fallbacks": st.fallbacks,
             "failed_loads": dict(st.failed_loads),
             "steps": self.batcher.steps,
+            "scored": self.batcher.scored,
+            "waiting": self.batcher.waiting,
             "tokens": self.batcher.tokens,
             "max_rows_seen": self.batcher.max_rows_seen,
             "engine_s": self.batcher.engine_s,
+            "engine_cpu_s": self.batcher.engine_cpu_s,
+            "process_cpu_s": time.process_time(),
             "first_token_p50_s": _quantile(self.batcher.queue_to_first_token, 0.5),
             "first_token_p99_s": _quantile(self.batcher.queue_to_first_token, 0.99),
             "in_flight": self.batcher.load,
         }
 
     # ------------------------------------------------------------------ internals
-    def _release_when_done(self, job: Job | None, lease: Lease) -> None:
-        """Unpin the adapters once no batch row reads them any more."""
-        if job is None or job.removed:
+    def _release_when_done(self, jobs: list[Job], lease: Lease) -> None:
+        """Unpin the adapters once no batch row reads them any more (a waiting job leaves at once)."""
+        live = [j for j in jobs if not j.removed]
+        for j in live:
+            self.batcher.cancel(j)
+        live = [j for j in live if not j.removed]
+        if not live:
             self.cache.release(lease)
             return
-        self.batcher.cancel(job)
-        job.when_removed(lambda: self.cache.release(lease))
+        left = [len(live)]
 
-    async def _logprobs(self, req: dict[str, Any], lease: Lease, gen: Generation) -> dict[str, Any]:
-        """OpenAI's legacy logprobs over the returned tokens (the prompt's too with echo), from one prefill."""
+        def one_gone() -> None:
+            left[0] -= 1
+            if left[0] == 0:
+                self.cache.release(lease)
+
+        for j in live:
+            j.when_removed(one_gone)
+
+    async def _logprobs(
+        self, req: dict[str, Any], lease: Lease, gen_ids: list[int], jobs: list[Job], *, first: bool
+    ) -> dict[str, Any]:
+        """OpenAI's legacy logprobs over the returned tokens (the prompt's too with echo), from one prefill.
+
+        The pass waits in the batcher's queue like any request (a scoring request is admitted, or
+        refused, there); only the positions returned are scored, with only the top-k asked for.
+        """
         prompt = list(req["prompt_ids"])
-        ids = prompt + list(gen.token_ids)
-        k = int(req["logprobs"])
-        rows = await self.batcher.run_engine(
-            lambda: prompt_logprobs(self.engine, [ids], [lease.slots_L], top_k=k)[0]
-        )
         start = 0 if req.get("echo") else len(prompt)
+        if start >= len(prompt) + len(gen_ids):
+            return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        job = Job(
+            prompt + list(gen_ids), lease.slots_L, 0, company=str(req.get("company") or ""),
+            score_from=start, top_k=int(req["logprobs"]),
+        )  # fmt: skip
+        jobs.append(self.batcher.submit(job, admitted=not first))
+        event = await job.events.get()
+        if isinstance(event, Failed):
+            raise event.error
+        return await asyncio.to_thread(self._format_logprobs, prompt + list(gen_ids), start, event.rows)
+
+    def _format_logprobs(self, ids: list[int], start: int, rows: list[dict]) -> dict[str, Any]:
+        tok = self.tokenizer
+        offset = sum(len(t) for t in tok.batch_decode([[i] for i in ids[:start]], skip_special_tokens=True))
         tokens, token_lp, top, offsets = [], [], [], []
-        offset = 0
-        for i, row in enumerate(rows):
-            text = token_text(self.tokenizer, row["token_id"])
-            if i >= start:
-                tokens.append(text)
-                token_lp.append(row["logprob"])
-                top.append(
-                    None
-                    if row["logprob"] is None
-                    else {token_text(self.tokenizer, t["token_id"]): t["logprob"] for t in row["top"]}
-                )
-                offsets.append(offset)
-            offset += len(self.tokenizer.decode([row["token_id"]], skip_special_tokens=True))
+        for row in rows:
+            tokens.append(token_text(tok, row["token_id"]))
+            token_lp.append(row["logprob"])
+            top.append(
+                None
+                if row["logprob"] is None
+                else {token_text(tok, t["token_id"]): t["logprob"] for t in row["top"]}
+            )
+            offsets.append(offset)
+            offset += len(tok.decode([row["token_id"]], skip_special_tokens=True))
         return {"tokens": tokens, "token_logprobs": token_lp, "top_logprobs": top, "text_offset": offsets}
 
     def _swap_adapters(self, evict: list[str], loads: list[tuple[str, AdapterWeights]]) -> list:
@@ -234,8 +304,20 @@ class ModelServer:
         return out
 
     def _fetch(self, entry: StackEntry) -> AdapterWeights:
-        """Read, verify (sha256) and parse one version; refuse one that does not fit this engine."""
-        files = self.store.read_version(entry.uri, entry.sha256)
+        """Read, verify (sha256) and parse one version; refuse one that does not fit this engine.
+
+        A store failure that is not about the object (permissions, timeouts, a broken connection)
+        becomes UnavailableError, so that the cache stands the previous version in, or answers 503.
+        """
+        try:
+            files = self.store.read_version(entry.uri, entry.sha256)
+        except FleetError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "reading adapter %s from the store failed: %s: %s", entry.key, type(exc).__name__, exc
+            )
+            raise UnavailableError(f"the adapter store could not be read ({type(exc).__name__})") from None
         weights = AdapterWeights.from_bytes(files.config, files.weights)
         if weights.rank > self.engine.max_rank:
             raise UnsupportedAdapterError(
@@ -268,25 +350,20 @@ def _quantile(values, q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
 
 
-def _first_stop(text: str, stop: list[str], start: int) -> int | None:
-    """Where the earliest stop string begins in ``text[start:]`` (None: nowhere)."""
-    hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
-    return min(hits) if hits else None
-
-
 def _entries(req: dict[str, Any]) -> list[StackEntry]:
     return [StackEntry(**e) for e in req["entries"]]
 
 
-def _job(req: dict[str, Any], lease: Lease) -> Job:
+def _job(req: dict[str, Any], lease: Lease, *, tokens: bool) -> Job:
     return Job(
         prompt_ids=list(req["prompt_ids"]),
         slots=lease.slots_L,
         max_new_tokens=int(req["max_tokens"]),
         temperature=float(req.get("temperature", 0.0)),
         top_p=float(req.get("top_p", 1.0)),
-        stop=list(req.get("stop") or []),
         seed=req.get("seed"),
+        company=str(req.get("company") or ""),
+        tokens=tokens,
     )
 
 
