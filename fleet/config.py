@@ -115,7 +115,7 @@ class BaseModelConfig(_Section):
     name: str = "fleet-tiny-llama"
     """Name the base is registered under; every model records the base it was trained on. Not set
     while base.path is: the name in that directory's fleet_base.json (`fleet base import` writes
-    it), else the directory's name."""
+    it), else this default."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute dtype. auto: float32 on CPU, bfloat16 on CUDA."""
     device: str = "auto"
@@ -754,20 +754,20 @@ def _absolutize(cfg: FleetConfig, base_dir: Path) -> FleetConfig:
     if cfg.base.path and not Path(cfg.base.path).is_absolute():
         cfg.base.path = str((base_dir / cfg.base.path).resolve())
     if cfg.base.path and "name" not in cfg.base.model_fields_set:
-        cfg.base.name = recorded_base_name(Path(cfg.base.path))
+        cfg.base.name = recorded_base_name(Path(cfg.base.path)) or cfg.base.name
     sp = cfg.train.storage_path
     if sp and "://" not in sp and not Path(sp).is_absolute():
         cfg.train.storage_path = str((base_dir / sp).resolve())
     return cfg
 
 
-def recorded_base_name(path: Path) -> str:
-    """The name a base directory's fleet record (fleet_base.json) gives it, else the directory's name."""
+def recorded_base_name(path: Path) -> str | None:
+    """The name a base directory's fleet record (fleet_base.json) gives it, if it has one."""
     try:
         name = json.loads((path / "fleet_base.json").read_text()).get("name")
     except (OSError, ValueError, AttributeError):
         name = None
-    return str(name) if isinstance(name, str) and name else path.name
+    return str(name) if isinstance(name, str) and name else None
 
 
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:

@@ -341,5 +341,5 @@ def test_base_name_comes_from_the_base_record_unless_set(tmp_path, base_dir):
     assert load_config(cfg_file, env={}).base.name == "pinned"
     (imported / "fleet_base.json").unlink()
     cfg_file.write_text(f"base:\n  path: {imported}\n")
-    assert load_config(cfg_file, env={}).base.name == "some-model"
+    assert load_config(cfg_file, env={}).base.name == "fleet-tiny-llama"  # no record: the default
     assert load_config(None, env={}).base.name == "fleet-tiny-llama"

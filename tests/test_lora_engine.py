@@ -214,7 +214,8 @@ def test_inference_mode_and_bfloat16() -> None:
                 out = e16.model(ids[:, :t]).logits
             assert out.dtype == torch.bfloat16 and not out.requires_grad
             assert float((out.float() - ref).abs().max() / ref.abs().max()) < 5e-2
-    assert e16.layers["model.layers.0.self_attn.q_proj"].At_SDR.dtype == torch.bfloat16
+    # A bfloat16 base keeps float32 slots (a rank-r update would round away in bfloat16).
+    assert e16.layers["model.layers.0.self_attn.q_proj"].At_SDR.dtype == torch.float32
 
 
 def test_slot_table_load_unload_swap_and_errors() -> None:
