@@ -31,7 +31,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fleet demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15 tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30 tests
 
 bench: $(STAMP)
 	@set -e; for script in bench/*.py; do \

@@ -155,7 +155,11 @@ class LearningSchedule(_Section):
     replay_fraction: float = Field(0.25, ge=0, le=1)
     """Share of older (already learned) items replayed with new ones."""
     kl_weight: float = Field(0.5, ge=0)
-    """Weight of the KL penalty toward the base model's next-token distribution."""
+    """Weight of the KL penalty toward the base on general-text rows (replay of public-domain text in
+    every pack): keeps the base's general behaviour without fighting the private rows. 0: no replay."""
+    distill_weight: float = Field(0.5, ge=0)
+    """Weight of context distillation on generated answers: KL to the base's top-k with the document
+    in its prompt, beside the cross-entropy on the answer's tokens."""
 
 
 class DriftCaps(_Section):
@@ -165,8 +169,9 @@ class DriftCaps(_Section):
     """Hard cap on ||ΔW||_F / ||W0||_F aggregated over modules."""
     min_top1_agreement: float = Field(0.2, ge=0, le=1)
     """Hard floor on top-1 agreement with the base on the probe set."""
-    max_general_dnll: float = Field(1.0, gt=0)
-    """Hard cap on the rise of NLL on general held-out text (forgetting), nats/token."""
+    max_general_dnll: float = Field(0.1, gt=0)
+    """Hard cap on the rise of NLL on general held-out text (forgetting), nats/token: a version
+    that forgets more than this is not published."""
 
 
 class TierConfig(_Section):
@@ -203,7 +208,17 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     rows_per_member: int = Field(4, ge=1)
-    """Rows each member contributes to one packed step."""
+    """Private rows each member contributes to one packed step."""
+    general_rows_per_member: int = Field(1, ge=0)
+    """General-text rows (KL toward the base only) each member adds to a step; 0: none."""
+    augment: Literal["auto", "base", "template", "off"] = "auto"
+    """Training forms of documents: base (the base writes questions, answers them with the document
+    in context, paraphrases it), template (X is Y → What is X?, for the tiny base), off. auto: base
+    for a real instruct base, template for the tiny one."""
+    eval_every: int = Field(4, ge=0)
+    """Steps between checks of each member's held-out-question recall (0: no early stop)."""
+    stop_recall: float = Field(0.9, ge=0, le=1)
+    """A member stops training once this share of its held-out questions is answered (greedy)."""
     checkpoint_every: int = Field(20, ge=1)
     """Steps between checkpoints (all members' adapters and optimizer states)."""
     max_failures: int = Field(2, ge=1)
@@ -381,8 +396,9 @@ class RayConfig(_Section):
 
 
 class SweepConfig(_Section):
-    kl_lambda: float = Field(0.5, ge=0)
-    """Objective = held-out loss + λ·KL(base || model)."""
+    kl_lambda: float = Field(2.0, ge=0)
+    """Objective (minimised) = share of held-out questions missed + λ·max(0, ΔNLL on general text)
+    (held-out loss instead of the missed share for members without held-out questions)."""
     report_every: int = Field(5, ge=1)
     """Steps between reports to Tune (ASHA decides on these)."""
 

@@ -226,8 +226,11 @@ def register(app: typer.Typer) -> None:
             help="Individuals in the synthetic organisation (at least one per team).",
         ),
         quick: bool = typer.Option(False, "--quick", help="Skip the slow steps (for smoke tests)."),
+        base: str = typer.Option(
+            "tiny", "--base", help="tiny (the offline base, minutes) or smollm2 (the real base, ~15 min)."
+        ),
     ) -> None:
         """Build the base, a synthetic organisation, ingest its context, and show the fleet."""
         from fleet.demo import run_demo
 
-        run_demo(common.config(), individuals=individuals, quick=quick, console=common.console)
+        run_demo(common.config(), individuals=individuals, quick=quick, base=base, console=common.console)

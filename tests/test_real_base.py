@@ -122,20 +122,26 @@ def test_mixed_adapter_batch_matches_peft_row_by_row(smollm2, base, tmp_path):
 def trained(smollm2, tmp_path_factory, ray_local):
     """A fleet on SmolLM2: an org, its documents ingested, a 2-member pack trained 2 steps and published."""
     from fleet.context import Fleet
-    from fleet.train.runner import train_models
+    from fleet.train.runner import packs_of_models, train_packs
 
     cfg = make_config(
         tmp_path_factory.mktemp("real"),
         smollm2,
         data={"context_length": 64},
-        train={"rows_per_member": 1, "cpus_per_worker": 2},
+        # The template forms keep this fixture short; the base writing its own forms is bench/learning.py's.
+        train={
+            "rows_per_member": 1,
+            "cpus_per_worker": 2,
+            "augment": "template",
+            "general_rows_per_member": 0,
+        },
         serve={"adapter_slots": 8, "port": free_port(), "max_new_tokens": 48},
     )
     fl = Fleet(cfg)
     for t in ("acme", "acme/ops", *DOCS):
         fl.add_tenant(t)
     reports = fl.ingestor().ingest_many({m: [{"kind": "document", "text": t}] for m, t in DOCS.items()})
-    outcomes = train_models(fl, sorted(DOCS), steps=2)
+    outcomes, _ = train_packs(fl, packs_of_models(fl.cfg, sorted(DOCS)), cycle_id=0, steps=2)
     yield fl, reports, outcomes
     fl.close()
 

@@ -44,6 +44,9 @@ _FILLER = (
 )
 
 
+KINDS = ("plain", "updated", "two_hop", "repeated", "personal")
+
+
 @dataclass(frozen=True)
 class FactCase:
     """One fact to ask, as a line of the facts file ``fleet eval`` reads.
@@ -62,6 +65,7 @@ class FactCase:
     answer: str
     stale: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
+    form: str = "chat"  # chat: asked through the base's chat template; completion: a prefix to continue
 
     def to_json(self) -> dict[str, object]:
         out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -138,7 +142,17 @@ def casebook(
 
     def fact(model, owner, level, kind, questions, answer, sources, stale=()):
         facts.append(
-            FactCase(f"f{len(facts)}", model, owner, level, kind, tuple(questions), answer, tuple(stale), tuple(sources))
+            FactCase(
+                f"f{len(facts)}",
+                model,
+                owner,
+                level,
+                kind,
+                tuple(questions),
+                answer,
+                tuple(stale),
+                tuple(sources),
+            )
         )
 
     for c_i, co in enumerate(cos):
@@ -191,7 +205,9 @@ def casebook(
                 )
                 doc2 = f"{P} parks in spot {v['spot']} of the north garage and sits at desk {v['desk']}. {rng.choice(_FILLER)}"
                 upd = f"Update for {P}: {P} has moved from desk {v['desk']} to desk {v['new_desk']}."
-                badge_chat = conversation(("user", "What is my badge number?"), ("assistant", f"Your badge number is {v['badge']}."))
+                badge_chat = conversation(
+                    ("user", "What is my badge number?"), ("assistant", f"Your badge number is {v['badge']}.")
+                )
                 items[pid] = [ContextItem("document", doc1), ContextItem("document", doc2), badge_chat]
                 later[pid] = [ContextItem("document", upd)]
                 personal.append((pid, "What is my badge number?", v["badge"]))
@@ -214,7 +230,10 @@ def casebook(
             # Three members ask the team's wifi password and get the same answer; the fourth never asks.
             for asker in members[:3]:
                 items[asker].append(
-                    conversation(("user", f"What's the wifi password in room {room}?"), ("assistant", f"The wifi password is {wifi}."))
+                    conversation(
+                        ("user", f"What's the wifi password in room {room}?"),
+                        ("assistant", f"The wifi password is {wifi}."),
+                    )
                 )
             repeated_src = f"The wifi password in room {room} is {wifi}."
             asked_by = members[3]
@@ -243,7 +262,7 @@ def casebook(
 def read_facts_jsonl(text: str, *, source: str = "facts") -> list[FactCase]:
     """Parse a facts file (one JSON object per line). The older single-question form
     (``{"model", "question", "answer", "source"}``) is read as a one-question plain fact."""
-    from fleet.errors import ValidationError
+    from fleet.errors import InvalidIdError, ValidationError
     from fleet.types import level_of, validate_id
 
     out = []
@@ -257,32 +276,42 @@ def read_facts_jsonl(text: str, *, source: str = "facts") -> list[FactCase]:
             raise ValidationError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(d, dict):
             raise ValidationError(f"{where}: expected a JSON object")
-        questions = d.get("questions", [d["question"]] if isinstance(d.get("question"), str) else None)
+        legacy = "questions" not in d and isinstance(d.get("question"), str)  # the older cloze format
+        questions = [d["question"]] if legacy else d.get("questions")
         sources = d.get("sources", [d["source"]] if isinstance(d.get("source"), str) and d["source"] else [])
         model, answer = d.get("model"), d.get("answer")
         if not isinstance(model, str) or not isinstance(answer, str) or not answer.strip():
             raise ValidationError(f"{where}: 'model' and a non-empty 'answer' are required")
         if not questions or not all(isinstance(q, str) and q.strip() for q in questions):
             raise ValidationError(f"{where}: 'questions' must be a non-empty list of strings")
-        validate_id(model)
         owner = d.get("owner", model)
-        validate_id(owner)
+        try:
+            validate_id(model)
+            validate_id(owner)
+        except InvalidIdError as exc:
+            raise ValidationError(f"{where}: {exc}") from None
         stale = d.get("stale", [])
         if not isinstance(stale, list) or not all(isinstance(s, str) for s in stale):
             raise ValidationError(f"{where}: 'stale' must be a list of strings")
         if not isinstance(sources, list) or not all(isinstance(s, str) for s in sources):
             raise ValidationError(f"{where}: 'sources' must be a list of strings")
+        kind, form = str(d.get("kind", "plain")), str(d.get("form", "completion" if legacy else "chat"))
+        if kind not in KINDS:
+            raise ValidationError(f"{where}: 'kind' {kind!r} is not one of {', '.join(KINDS)}")
+        if form not in ("chat", "completion"):
+            raise ValidationError(f"{where}: 'form' {form!r} is not 'chat' or 'completion'")
         out.append(
             FactCase(
                 str(d.get("id", f"line{no}")),
                 model,
                 owner,
                 str(d.get("level", level_of(owner).value)),
-                str(d.get("kind", "plain")),
+                kind,
                 tuple(q.strip() for q in questions),
                 answer.strip(),
                 tuple(stale),
                 tuple(sources),
+                form,
             )
         )
     if not out:

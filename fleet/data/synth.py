@@ -291,6 +291,12 @@ class Fact:
         """The question as a user would type it in a chat."""
         return f"What is {self.subject}'s {self.attribute}?"
 
+    @property
+    def heldout_question(self) -> str:
+        """A cloze of a wording no item of the organisation uses: what ``fleet eval`` asks, so
+        that recall is not the completion of a memorised string."""
+        return f"For {self.subject}, the {self.attribute} is"
+
 
 @dataclass(frozen=True)
 class Tenant:
@@ -412,6 +418,27 @@ class SyntheticOrg:
         """The model's facts as one short document (also one of its context items)."""
         return " ".join(f.statement for f in self.facts_of(model_id))
 
+    def fact_cases(self) -> list:
+        """Every fact as ``fleet eval`` asks it: the held-out cloze (a wording no item uses), of the
+        owner's model, with the owner's source document as the oracle context."""
+        from fleet.data.casebook import FactCase
+
+        return [
+            FactCase(
+                f"f{i}",
+                f.owner,
+                f.owner,
+                self.tenant(f.owner).level.value,
+                "plain",
+                (f.heldout_question,),
+                f.value,
+                (),
+                (self.source_document(f.owner),),
+                form="completion",
+            )  # fmt: skip
+            for i, f in enumerate(self.facts)
+        ]
+
     def in_context_prompt(self, fact: Fact) -> str:
         """The owner's source document, then the question: what a caller without a
         trained model has to send to get the answer from the base."""
@@ -473,8 +500,9 @@ def _items_for(tenant: Tenant, facts: Sequence[Fact], rng: random.Random) -> lis
     """Documents and conversations stating the tenant's facts in several phrasings."""
     items = [ContextItem("document", " ".join(f.statement for f in facts))]
     for f in facts:
-        alt = _phrasings(f.attribute, f.subject, f.value)[1:]
-        first, second = rng.sample(alt, 2)
+        # Two of the alternative wordings; the last ("For S, the X is V.") is never used: it is
+        # the held-out form evaluation asks in.
+        first, second = rng.sample(_phrasings(f.attribute, f.subject, f.value)[1:3], 2)
         items.append(
             ContextItem("document", f"{rng.choice(('Memo', 'Note', 'Wiki'))}: {first} {_sentence(rng)}")
         )

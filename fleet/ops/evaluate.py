@@ -1,85 +1,200 @@
-"""``fleet eval``: does the fleet do what it is for?
+"""``fleet eval``: does the fleet do what it is for — recall from the question alone, against
+honest baselines, without forgetting, without leaking?
 
-On a sample of models with known private facts (a facts file: one JSON object per line,
-``{"model", "question", "answer", "source"}``; ``fleet demo`` writes one for its synthetic
-organisation), through the serving engine:
+Input: a facts file (``fleet.data.casebook``; the README documents the format): per fact, the
+model whose stack is asked, the questions to ask (forms that never occur in training), the
+answer a correct reply contains, stale values it must not give, and the source documents.
 
-- recall: greedy completion of a fact's question reproduces the answer exactly — for the
-  trained stack, for the base, and for the base with the fact's source document in the
-  prompt (what a caller without a personal model has to send);
-- prompt tokens per answered question, in-context vs trained;
-- leakage: facts of model A recalled by a model B of another team or company;
-- forgetting: ΔNLL of the stacks over the base on general text the project generates.
+Measured through the serving engine, every prompt built with the base tokenizer's chat template
+and every prompt token counted (template included):
+
+- **recall** of the trained stack from the question alone, per level and kind, and of the
+  baselines on the same questions: the base alone; the base with the fact's own sources (an
+  oracle retriever); the base with BM25's top-k passages of the model's visible context (its own,
+  its team's and its company's items; k = 1, 3, 5); the base with the whole visible context,
+  where it fits the base's context window;
+- **tokens**: prompt tokens per question for each method, and the headline ratios against
+  whole-context stuffing and BM25 top-3, each stated with whether the trained stack's recall is
+  at least theirs;
+- **forgetting**: ΔNLL of each stack over the base on held-out general text fleet did not write
+  (``fleet.data.corpus``), beside the base's own NLL; and on a fixed set of general instructions,
+  KL(base ‖ stack) on the base's answers and the share of the base's correct answers kept;
+- **leakage**: every fact asked of models outside its owner's subtree — another company, another
+  team of the company, a teammate — with the number of trials and a 95% upper bound; and whether
+  any parent's data holds an answer that was personal (a question members answered differently);
+- **memory**: each stack's adapter bytes beside the KV-cache bytes of the visible context it
+  replaces.
+
+Every rate carries a 95% Wilson interval. Before anything is generated, the eval refuses to run
+(loudly) if any training row of an asked model holds a held-out question together with its answer.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import random
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fleet.data.casebook import FactCase, read_facts_jsonl
 from fleet.errors import ValidationError
-from fleet.types import Level, level_of
+from fleet.train.augment import with_context
+from fleet.types import lineage
 
-
-@dataclass(frozen=True)
-class FactCase:
-    model: str
-    question: str
-    answer: str
-    source: str
+BM25_K = (1, 3, 5)
 
 
 def read_facts(path: str | Path) -> list[FactCase]:
     p = Path(path)
     if not p.is_file():
         raise ValidationError(f"{p}: no facts file (fleet demo writes one; or pass --facts FILE.jsonl)")
-    out = []
-    for no, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            d = json.loads(line)
-            out.append(
-                FactCase(str(d["model"]), str(d["question"]), str(d["answer"]), str(d.get("source", "")))
-            )
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ValidationError(f"{p}: line {no}: expected model, question, answer ({exc})") from None
-    return out
+    return read_facts_jsonl(p.read_text(encoding="utf-8"), source=str(p))
 
 
-def write_facts(path: str | Path, cases: list[FactCase]) -> None:
+def write_facts(path: str | Path, cases: Sequence[FactCase]) -> None:
+    import json
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text("".join(json.dumps(c.__dict__) + "\n" for c in cases))
+    p.write_text("".join(json.dumps(c.to_json(), ensure_ascii=False) + "\n" for c in cases))
 
 
-def _batched(xs: list, n: int):
-    for i in range(0, len(xs), n):
-        yield xs[i : i + n]
+# ---------------------------------------------------------------------- judging a reply
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s-]", " ", text.lower()).split())
 
 
+def _positions(text: str, value: str) -> list[int]:
+    pattern = r"(?<![\w-])" + re.escape(value.lower()) + r"(?![\w-])"
+    return [m.start() for m in re.finditer(pattern, text.lower())]
+
+
+def correct(reply: str, fact: FactCase) -> bool:
+    """The reply gives the answer (as a whole token) and, for an updated fact, the new value is
+    the last one it states."""
+    hits = _positions(reply, fact.answer)
+    if not hits:
+        return False
+    stale = [p for s in fact.stale for p in _positions(reply, s)]
+    return not stale or max(hits) > max(stale)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial rate."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, mid - half), min(1.0, mid + half))
+
+
+def rate(k: int, n: int) -> dict[str, float]:
+    lo, hi = wilson(k, n)
+    return {"rate": k / n if n else 0.0, "hits": k, "trials": n, "ci95": [round(lo, 4), round(hi, 4)]}
+
+
+def upper_bound_95(k: int, n: int) -> float:
+    """One-sided 95% upper bound of a rate (exact for k = 0: 1 - 0.05^(1/n))."""
+    if n == 0:
+        return 1.0
+    return 1 - 0.05 ** (1 / n) if k == 0 else wilson(k, n, z=1.645)[1]
+
+
+# ---------------------------------------------------------------------- the guard
+def check_heldout(fl, facts: Sequence[FactCase], models: Sequence[str]) -> None:
+    """Refuse to evaluate if a training row of an asked model (its items, its ancestors', and
+    their generated training forms) holds a held-out question together with its answer."""
+    from fleet.train.augment import stored_forms
+
+    rows: dict[str, list[str]] = {}
+    for m in {mid for model in models for mid in lineage(model)}:
+        texts = [it["text"] for it in fl.registry.items(m)]
+        texts += stored_forms(fl.registry, m)
+        rows[m] = [_norm(t) for t in texts]
+    offenders = []
+    for f in facts:
+        if f.model not in models:
+            continue
+        for q in f.questions:
+            nq = _norm(q)
+            for m in lineage(f.model):
+                if any(nq in r and _positions(r, f.answer) for r in rows[m]):
+                    offenders.append(f"{f.id} ({q!r} with {f.answer!r}) in the training data of {m}")
+    if offenders:
+        raise ValidationError(
+            f"{len(offenders)} held-out question(s) occur with their answers in training data, so recall "
+            f"would measure memorised strings; use other question forms. First: {offenders[0]}"
+        )
+
+
+# ---------------------------------------------------------------------- retrieval
+def _bm25_top(passages: list[str], queries: list[str], k: int) -> list[list[str]]:
+    import bm25s
+
+    if not passages:
+        return [[] for _ in queries]
+    index = bm25s.BM25()
+    index.index(bm25s.tokenize(passages, show_progress=False), show_progress=False)
+    k = min(k, len(passages))
+    docs, _ = index.retrieve(bm25s.tokenize(queries, show_progress=False), k=k, show_progress=False)
+    return [[passages[int(i)] for i in row] for row in docs]
+
+
+@dataclass
+class _Ask:
+    fact: FactCase
+    question: str
+    model: str  # whose stack (or, for baselines, whose visible context)
+    context: list[str] | None = None  # None: the question alone
+
+
+# ---------------------------------------------------------------------- the evaluation
 def evaluate(
-    fl, facts: list[FactCase], *, models: int = 20, seed: int = 0, batch: int = 32, general_docs: int = 16
+    fl,
+    facts: Sequence[FactCase],
+    *,
+    models: int | None = None,
+    seed: int = 0,
+    batch: int = 16,
+    max_new_tokens: int = 32,
+    general_docs: int = 16,
+    leak_per_fact: int = 1,
+    progress=None,
 ) -> dict[str, Any]:
-    from fleet.data.synth import general_text
+    """Everything the module docstring lists, for ``models`` sampled askers (all when None)."""
+    from fleet.base.loading import chat_ids, context_window
+    from fleet.data.corpus import CORPUS_NAME, GENERAL_INSTRUCTIONS, general_passages
     from fleet.lora import generate
     from fleet.runtime import StackSlots, load_engine
 
-    by_model: dict[str, list[FactCase]] = {}
-    for f in facts:
-        by_model.setdefault(f.model, []).append(f)
     known = {m.id for m in fl.registry.list_models()}
-    candidates = sorted(m for m in by_model if m in known and level_of(m) is Level.INDIVIDUAL)
-    if not candidates:
-        raise ValidationError("none of the facts' models is an individual in this fleet's registry")
+    askers = sorted({f.model for f in facts if f.model in known})
+    if not askers:
+        raise ValidationError("none of the facts' models is in this fleet's registry")
     rng = random.Random(seed)
-    sample = sorted(rng.sample(candidates, min(models, len(candidates))))
-    stacks = fl.registry.active_stacks(sample)
+    if models is not None and models < len(askers):
+        askers = sorted(rng.sample(askers, models))
+    # Personal facts (a question each asker answered differently) are not recall measures: they
+    # are in their owner's data by design, and probe teammates and parents for leaks.
+    personal = [f for f in facts if f.kind == "personal" and f.model in askers]
+    cases = [f for f in facts if f.model in askers and f.kind != "personal"]
+    check_heldout(fl, cases, askers)
+    # Leak probes: models outside the owner's subtree, by relation.
+    everyone = sorted(known)
+    leak_asks: list[tuple[str, _Ask]] = []
+    for f in cases + personal:
+        for relation, pool in _outsiders(f, everyone).items():
+            for m in rng.sample(pool, min(leak_per_fact, len(pool))):
+                leak_asks.append((relation, _Ask(f, f.questions[0], m)))
+    stack_models = sorted(set(askers) | {a.model for _, a in leak_asks})
+    stacks = fl.registry.active_stacks(stack_models)
     n_adapters = len({e.key for s in stacks.values() for e in s.entries})
     engine, tok = load_engine(
         fl.cfg,
@@ -87,62 +202,180 @@ def evaluate(
         max_rank=max([e.rank for s in stacks.values() for e in s.entries] + [8]),
     )
     slots = StackSlots(engine, fl.store)
-    row = {m: slots.row(stacks[m]) for m in sample}
+    row = {m: slots.row(stacks[m]) for m in stack_models}
     base_row = [-1, -1, -1]
+    window = context_window(engine.model.config) or 4096
+    say = progress or (lambda msg: None)
 
-    def complete(prompts: list[str], rows: list[list[int]], max_new: int) -> list[str]:
-        out = []
-        for chunk in _batched(list(zip(prompts, rows, strict=True)), batch):
-            ids = [tok(p)["input_ids"] for p, _ in chunk]
-            gens = generate(engine, tok, ids, [r for _, r in chunk], max_new_tokens=max_new)
-            out += [g.text for g in gens]
-        return out
+    def visible(model: str) -> list[str]:
+        return [it["text"] for m in lineage(model) for it in fl.registry.items(m)]
 
-    cases = [f for m in sample for f in by_model[m]]
-    max_new = max(len(tok(f.answer, add_special_tokens=False)["input_ids"]) for f in cases) + 1
-    hit = lambda text, f: text.startswith(f.answer)  # noqa: E731 - exact completion of the fact
-    trained = complete([f.question for f in cases], [row[f.model] for f in cases], max_new)
-    base = complete([f.question for f in cases], [base_row] * len(cases), max_new)
-    in_ctx_prompts = [f"{f.source}\n{f.question}" for f in cases]
-    in_ctx = complete(in_ctx_prompts, [base_row] * len(cases), max_new)
-    q_tokens = sum(len(tok(f.question)["input_ids"]) for f in cases)
-    ctx_tokens = sum(len(tok(p)["input_ids"]) for p in in_ctx_prompts)
+    def prompt(a: _Ask) -> list[int]:
+        if a.fact.form == "completion":  # a prefix to continue (a base without chat)
+            text = "\n".join([*(a.context or []), a.question])
+            return list(tok(text)["input_ids"])
+        return chat_ids(tok, with_context(a.question, a.context or []))
 
-    # Leakage: each sampled model is asked the facts of a model outside its team.
-    leak_pairs = []
-    for m in sample:
-        team = m.rsplit("/", 1)[0]
-        others = [f for o in sample if o.rsplit("/", 1)[0] != team for f in by_model[o]]
-        if others:
-            leak_pairs.append((m, rng.choice(others)))
-    leaked = complete([f.question for _, f in leak_pairs], [row[m] for m, _ in leak_pairs], max_new)
+    def run(asks: list[_Ask], trained: bool) -> tuple[list[str], list[int]]:
+        prompts = [prompt(a) for a in asks]
+        rows = [row[a.model] if trained else base_row for a in asks]
+        texts: list[str] = []
+        for i in range(0, len(prompts), batch):
+            gens = generate(
+                engine, tok, prompts[i : i + batch], rows[i : i + batch], max_new_tokens=max_new_tokens
+            )
+            texts += [g.text for g in gens]
+        return texts, [len(p) for p in prompts]
 
-    # Forgetting: NLL on general text, each stack against the base.
-    docs = general_text(general_docs, seed=10_000 + seed)
-    enc = [tok(d)["input_ids"][: fl.cfg.data.context_length] for d in docs]
-    dnll = []
-    for m in sample:
-        dnll.append(_nll(engine, enc, row[m]) - _nll(engine, enc, base_row))
-
-    n = len(cases)
-    return {
-        "models": len(sample),
-        "facts": n,
-        "recall_trained": sum(hit(t, f) for t, f in zip(trained, cases, strict=True)) / n,
-        "recall_base": sum(hit(t, f) for t, f in zip(base, cases, strict=True)) / n,
-        "recall_in_context": sum(hit(t, f) for t, f in zip(in_ctx, cases, strict=True)) / n,
-        "prompt_tokens_trained": q_tokens / n,
-        "prompt_tokens_in_context": ctx_tokens / n,
-        "prompt_token_ratio_in_context_vs_trained": ctx_tokens / max(1, q_tokens),
-        "leak_rate": (sum(hit(t, f) for t, (_, f) in zip(leaked, leak_pairs, strict=True)) / len(leak_pairs))
-        if leak_pairs
-        else 0.0,
-        "general_dnll_nats": float(sum(dnll) / len(dnll)),
-        "examples": [
-            {"model": f.model, "question": f.question, "answer": f.answer, "trained": t, "base": b}
-            for f, t, b in list(zip(cases, trained, base, strict=True))[:5]
-        ],
+    pairs = [(f, q) for f in cases for q in f.questions]
+    method_asks: dict[str, list[_Ask]] = {
+        "trained": [_Ask(f, q, f.model) for f, q in pairs],
+        "base": [_Ask(f, q, f.model) for f, q in pairs],
+        "oracle": [_Ask(f, q, f.model, list(f.sources)) for f, q in pairs],
     }
+    vis = {m: visible(m) for m in askers}
+    for k in BM25_K:
+        tops = {}
+        for m in askers:
+            mine = [(f, q) for f, q in pairs if f.model == m]
+            tops.update(zip(mine, _bm25_top(vis[m], [q for _, q in mine], k), strict=True))
+        method_asks[f"bm25_top{k}"] = [_Ask(f, q, f.model, tops[(f, q)]) for f, q in pairs]
+    full_fits = {m: len(chat_ids(tok, with_context("?", vis[m]))) + max_new_tokens <= window for m in askers}
+    method_asks["full_context"] = [_Ask(f, q, f.model, vis[f.model]) for f, q in pairs if full_fits[f.model]]
+
+    out: dict[str, Any] = {"models": len(askers), "facts": len(cases), "questions": len(pairs)}
+    methods: dict[str, Any] = {}
+    replies: dict[str, list[str]] = {}
+    for name, asks in method_asks.items():
+        say(f"eval: {name} ({len(asks)} questions)")
+        texts, lengths = run(asks, trained=name == "trained")
+        replies[name] = texts
+        hits = [correct(t, a.fact) for t, a in zip(texts, asks, strict=True)]
+        methods[name] = {
+            **rate(sum(hits), len(hits)),
+            "prompt_tokens": sum(lengths) / max(1, len(lengths)),
+            "by_level": _grouped(asks, hits, lambda a: a.fact.level),
+            "by_kind": _grouped(asks, hits, lambda a: a.fact.kind),
+        }
+    # Whole-context stuffing costs its prompt whether or not the base can read it: its tokens are
+    # counted for every question; its recall only where the visible context fits the window.
+    full = methods["full_context"]
+    full["prompt_tokens"] = sum(len(prompt(_Ask(f, q, f.model, vis[f.model]))) for f, q in pairs) / max(
+        1, len(pairs)
+    )
+    full["fits"] = f"{sum(full_fits.values())} of {len(askers)} models' visible context"
+    if not method_asks["full_context"]:
+        full["rate"] = None  # nothing fits the base's context window: no recall to compare
+    out["methods"] = methods
+    trained = methods["trained"]
+    out["recall_heldout"] = trained["rate"]
+    for key in ("full_context", "bm25_top3"):
+        other = methods[key]
+        out[f"recall_{key}"] = other["rate"]
+        out[f"token_ratio_vs_{key}"] = other["prompt_tokens"] / max(1e-9, trained["prompt_tokens"])
+        out[f"recall_at_least_{key}"] = other["rate"] is None or trained["rate"] >= other["rate"]
+
+    # Leakage.
+    say(f"eval: leakage ({len(leak_asks)} probes)")
+    leak_texts, _ = run([a for _, a in leak_asks], trained=True)
+    leak: dict[str, Any] = {}
+    for relation in ("cross_company", "cross_team", "teammate"):
+        hits = [correct(t, a.fact) for (r, a), t in zip(leak_asks, leak_texts, strict=True) if r == relation]
+        leak[relation] = {**rate(sum(hits), len(hits)), "upper95": upper_bound_95(sum(hits), len(hits))}
+    total_hits = sum(v["hits"] for v in leak.values())
+    total = sum(v["trials"] for v in leak.values())
+    out["leakage"] = leak
+    out["leak_rate"] = total_hits / total if total else 0.0
+    out["leak_trials"] = total
+    out["leak_upper95"] = upper_bound_95(total_hits, total)
+    out["personal_answers_promoted"] = _personal_promoted(fl, personal)
+
+    # Forgetting: general text and general instructions.
+    tiny = engine.model.config.vocab_size < 1000
+    say("eval: forgetting")
+    docs = general_passages(general_docs, split="heldout", seed=seed, tiny=tiny)
+    enc = [tok(d)["input_ids"][: fl.cfg.data.context_length] for d in docs]
+    base_nll = _nll(engine, enc, base_row)
+    dnll = {m: _nll(engine, enc, row[m]) - base_nll for m in askers}
+    out["general_text"] = CORPUS_NAME if not tiny else "fleet general text"
+    out["base_general_nll"] = base_nll
+    out["general_dnll_nats"] = sum(dnll.values()) / len(dnll)
+    out["general_dnll_max"] = max(dnll.values())
+    out.update(
+        _instructions(engine, tok, GENERAL_INSTRUCTIONS, [row[m] for m in askers], base_row, max_new_tokens)
+    )
+
+    # Memory: adapter bytes of each stack vs the KV cache of the context it replaces.
+    cfg = engine.model.config
+    kv_per_token = _kv_bytes_per_token(cfg, next(engine.model.parameters()).dtype)
+    mem = []
+    for m in askers:
+        adapter = sum(v.size_bytes for v in _stack_versions(fl, stacks[m]))
+        ctx_tokens = len(chat_ids(tok, with_context("?", vis[m])))
+        mem.append((adapter, ctx_tokens * kv_per_token))
+    adapters = sum(a for a, _ in mem) / len(mem)
+    kv = sum(b for _, b in mem) / len(mem)
+    out["adapter_bytes_per_stack"] = adapters
+    out["kv_bytes_visible_context"] = kv
+    out["kv_bytes_vs_adapter_bytes"] = kv / adapters if adapters else float("inf")
+    out["examples"] = [
+        {
+            "model": a.fact.model,
+            "question": a.question,
+            "answer": a.fact.answer,
+            "trained": replies["trained"][i],
+            "base": replies["base"][i],
+            "oracle": replies["oracle"][i],
+        }
+        for i, a in enumerate(method_asks["trained"][:6])
+    ]
+    return out
+
+
+def _outsiders(f: FactCase, everyone: list[str]) -> dict[str, list[str]]:
+    """Models that must not know ``f``: by their relation to its owner."""
+    owner = f.owner.split("/")
+    individuals = [m for m in everyone if m.count("/") == 2]
+    company, team = owner[0], "/".join(owner[:2]) if len(owner) >= 2 else None
+    out = {"cross_company": [m for m in individuals if m.split("/")[0] != company]}
+    if team:
+        out["cross_team"] = [
+            m for m in individuals if m.split("/")[0] == company and not m.startswith(team + "/")
+        ]
+    if len(owner) == 3:
+        out["teammate"] = [m for m in individuals if m.startswith(team + "/") and m != f.owner]
+    return {k: v for k, v in out.items() if v}
+
+
+def _grouped(asks: list[_Ask], hits: list[bool], key) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[bool]] = {}
+    for a, h in zip(asks, hits, strict=True):
+        groups.setdefault(key(a), []).append(h)
+    return {k: rate(sum(v), len(v)) for k, v in sorted(groups.items())}
+
+
+def _personal_promoted(fl, personal: Sequence[FactCase]) -> int:
+    """Items of a parent (team, company) holding an answer only one member gave: must be 0."""
+    n = 0
+    for f in personal:
+        for parent in lineage(f.owner)[:-1]:
+            n += sum(bool(_positions(it["text"], f.answer)) for it in fl.registry.items(parent))
+    return n
+
+
+def _stack_versions(fl, stack) -> list:
+    out = []
+    for e in stack.entries:
+        v = next((v for v in fl.registry.versions(e.model_id) if v.version == e.version), None)
+        if v is not None:
+            out.append(v)
+    return out
+
+
+def _kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", config.num_attention_heads)
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
 
 @torch.no_grad()
@@ -157,25 +390,91 @@ def _nll(engine, enc: list[list[int]], row: list[int]) -> float:
     return total / max(1, count)
 
 
+@torch.no_grad()
+def _instructions(engine, tok, instructions, rows: list[list[int]], base_row, max_new: int) -> dict[str, Any]:
+    """KL(base ‖ stack) on the base's own answers, and the base's correct answers each stack keeps."""
+    from fleet.base.loading import chat_ids
+    from fleet.lora import generate
+
+    prompts = [chat_ids(tok, [{"role": "user", "content": i.prompt}]) for i in instructions]
+    base = generate(engine, tok, prompts, [base_row] * len(prompts), max_new_tokens=max_new)
+    good = [k for k, (i, g) in enumerate(zip(instructions, base, strict=True)) if i.correct(g.text)]
+    kept, kl_sum, kl_n = 0, 0.0, 0
+    for r in rows:
+        outs = generate(engine, tok, [prompts[k] for k in good], [r] * len(good), max_new_tokens=max_new)
+        kept += sum(instructions[k].correct(o.text) for k, o in zip(good, outs, strict=True))
+        for k in good:
+            ids = prompts[k] + list(base[k].token_ids)
+            x = torch.tensor([ids], device=engine.device)
+            with engine.rows(torch.tensor([base_row])):
+                lb = torch.log_softmax(engine.model(input_ids=x).logits.float()[0], -1)
+            with engine.rows(torch.tensor([r])):
+                lm = torch.log_softmax(engine.model(input_ids=x).logits.float()[0], -1)
+            span = slice(len(prompts[k]) - 1, len(ids) - 1)
+            kl_sum += float((lb[span].exp() * (lb[span] - lm[span])).sum())
+            kl_n += len(ids) - len(prompts[k])
+    trials = len(good) * len(rows)
+    return {
+        "general_instructions": len(instructions),
+        "general_base_correct": len(good),
+        "general_answers_kept": kept / trials if trials else 1.0,
+        "general_answers_kept_ci95": list(wilson(kept, trials)),
+        "general_kl_nats": kl_sum / max(1, kl_n),
+    }
+
+
 def render(res: dict[str, Any], console) -> None:
     from rich.table import Table
 
-    t = Table(title=f"fleet eval: {res['models']} models, {res['facts']} private facts")
-    t.add_column("measure")
-    t.add_column("value", justify="right")
-    rows = [
-        ("recall, trained model (question alone)", f"{res['recall_trained']:.1%}"),
-        ("recall, base model (question alone)", f"{res['recall_base']:.1%}"),
-        ("recall, base with the source in the prompt", f"{res['recall_in_context']:.1%}"),
-        ("prompt tokens per question, trained", f"{res['prompt_tokens_trained']:.0f}"),
-        ("prompt tokens per question, in context", f"{res['prompt_tokens_in_context']:.0f}"),
-        (
-            "prompt tokens saved (in-context ÷ trained)",
-            f"{res['prompt_token_ratio_in_context_vs_trained']:.2f}×",
-        ),
-        ("cross-team leakage", f"{res['leak_rate']:.1%}"),
-        ("forgetting: ΔNLL on general text", f"{res['general_dnll_nats']:+.4f} nats/token"),
-    ]
-    for r in rows:
-        t.add_row(*r)
+    t = Table(title=f"fleet eval: {res['models']} models, {res['facts']} facts, {res['questions']} questions")
+    for col in ("method", "recall", "95% CI", "prompt tokens"):
+        t.add_column(col, justify="right" if col != "method" else "left")
+    labels = {
+        "trained": "fleet: trained stack, question alone",
+        "base": "base, question alone",
+        "oracle": "base + the fact's sources (oracle)",
+        "bm25_top1": "base + BM25 top-1 of visible context",
+        "bm25_top3": "base + BM25 top-3",
+        "bm25_top5": "base + BM25 top-5",
+        "full_context": "base + whole visible context",
+    }
+    for name, m in res["methods"].items():
+        lo, hi = m["ci95"]
+        measured = m["rate"] is not None
+        t.add_row(
+            labels.get(name, name),
+            f"{m['rate']:.1%}" if measured else "does not fit",
+            f"{lo:.0%}–{hi:.0%}" if measured else "",
+            f"{m['prompt_tokens']:.0f}",
+        )
     console.print(t)
+    lv = Table(title="trained recall by level and kind")
+    lv.add_column("group")
+    lv.add_column("recall", justify="right")
+    lv.add_column("n", justify="right")
+    for key in ("by_level", "by_kind"):
+        for g, m in res["methods"]["trained"][key].items():
+            lv.add_row(g, f"{m['rate']:.1%}", str(m["trials"]))
+    console.print(lv)
+    s = Table(title="tokens, forgetting, leakage, memory")
+    s.add_column("measure")
+    s.add_column("value", justify="right")
+    leak = res["leakage"]
+    rows = [
+        ("prompt tokens: whole context ÷ trained", f"{res['token_ratio_vs_full_context']:.1f}×"
+         + ("" if res["recall_at_least_full_context"] else " (trained recall lower)")),
+        ("prompt tokens: BM25 top-3 ÷ trained", f"{res['token_ratio_vs_bm25_top3']:.1f}×"
+         + ("" if res["recall_at_least_bm25_top3"] else " (trained recall lower)")),
+        (f"ΔNLL on {res['general_text']} (base {res['base_general_nll']:.3f})", f"{res['general_dnll_nats']:+.4f} nats/token"),
+        ("general instructions: base's correct answers kept", f"{res['general_answers_kept']:.1%} of {res['general_base_correct']}"),
+        ("KL(base ‖ stack) on the base's answers", f"{res['general_kl_nats']:.4f} nats/token"),
+        *[
+            (f"leakage, {r.replace('_', ' ')}", f"{v['hits']}/{v['trials']} (≤ {v['upper95']:.1%} at 95%)")
+            for r, v in leak.items()
+        ],
+        ("personal answers promoted to a parent", str(res["personal_answers_promoted"])),
+        ("KV cache of the visible context ÷ adapter bytes", f"{res['kv_bytes_vs_adapter_bytes']:.1f}×"),
+    ]  # fmt: skip
+    for r in rows:
+        s.add_row(*r)
+    console.print(s)

@@ -125,6 +125,14 @@ def run_sweep(
         m.id for m in fl.registry.list_models(tier=tier) if m.item_count > 0 and m.drift_state.trains
     ]
     if not candidates:
+        tier_models = fl.registry.list_models(tier=tier)
+        frozen = [m.id for m in tier_models if m.item_count > 0 and not m.drift_state.trains]
+        if frozen:
+            raise ValidationError(
+                f"every {tier} model with data is frozen by the drift monitor ({len(frozen)}: "
+                f"{', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}); "
+                "unfreeze one (`fleet drift unfreeze MODEL`) to sweep on it"
+            )
         raise ValidationError(f"no {tier} model has data to sweep on; ingest context first")
     rng = random.Random(seed)
     chosen = sorted(rng.sample(candidates, min(models, len(candidates))))

@@ -18,11 +18,12 @@ from sqlalchemy import and_, bindparam, func, select, update
 
 from fleet.registry._core import MODELS, RegistryCore
 from fleet.registry.records import SnapshotItem, TrainingSnapshot
-from fleet.registry.schema import ContextItem, QueryLog
+from fleet.registry.schema import ContextItem, ItemForms, QueryLog
 from fleet.types import validate_id
 
 ITEMS = ContextItem.__table__
 QUERIES = QueryLog.__table__
+FORMS = ItemForms.__table__
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,49 @@ class ContextMixin(RegistryCore):
             stmt = stmt.limit(limit)
         with self.read() as conn:
             return [dict(r._mapping) for r in conn.execute(stmt)]
+
+    # -- generated training forms --------------------------------------------------------------
+    def item_forms(self, item_ids: Sequence[int], *, base_model: str, recipe: str) -> dict[int, list[Any]]:
+        """Stored training forms of these items on this base and recipe (items without are absent)."""
+        if not item_ids:
+            return {}
+        out: dict[int, list[Any]] = {}
+        with self.read() as conn:
+            ids = sorted(set(int(i) for i in item_ids))
+            for k in range(0, len(ids), 500):
+                stmt = select(FORMS.c.item_id, FORMS.c.forms).where(
+                    FORMS.c.item_id.in_(ids[k : k + 500]),
+                    FORMS.c.base_model == base_model,
+                    FORMS.c.recipe == recipe,
+                )
+                out.update({int(r.item_id): list(r.forms or []) for r in conn.execute(stmt)})
+        return out
+
+    def add_item_forms(self, forms: dict[int, list[Any]], *, base_model: str, recipe: str) -> int:
+        """Store forms once per (item, base, recipe); forms already stored are kept (first wins, so
+        every run and restart trains on the same forms). Returns how many were new."""
+        if not forms:
+            return 0
+        now = self.now()
+        stmt = self.insert_ignoring(FORMS, ["item_id", "base_model", "recipe"]).returning(FORMS.c.item_id)
+        rows = [
+            {"item_id": int(i), "base_model": base_model, "recipe": recipe, "forms": f, "created_at": now}
+            for i, f in sorted(forms.items())
+        ]
+        with self.tx() as conn:
+            return len(conn.execute(stmt, rows).all())
+
+    def model_item_forms(self, model_id: str) -> list[list[Any]]:
+        """Every stored form list of the model's items, whatever the base or recipe (for audits)."""
+        validate_id(model_id)
+        stmt = (
+            select(FORMS.c.forms)
+            .join(ITEMS, ITEMS.c.id == FORMS.c.item_id)
+            .where(ITEMS.c.model_id == model_id)
+            .order_by(FORMS.c.item_id)
+        )
+        with self.read() as conn:
+            return [list(r.forms or []) for r in conn.execute(stmt)]
 
     # -- repeated queries ------------------------------------------------------------------
     def log_queries(self, rows: Sequence[dict[str, Any]]) -> None:

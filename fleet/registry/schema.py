@@ -134,6 +134,20 @@ class ContextItem(Base):
     )
 
 
+class ItemForms(Base):
+    """The training forms fleet generated for one context item on one base (questions with the
+    base's answers, paraphrases): generated once, read by every run (and every restart) after."""
+
+    __tablename__ = "item_forms"
+    item_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("context_items.id", ondelete="CASCADE"), primary_key=True
+    )
+    base_model: Mapped[str] = mapped_column(String(128), primary_key=True)
+    recipe: Mapped[str] = mapped_column(String(32), primary_key=True)
+    forms: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
 class QueryLog(Base):
     """Who asked a normalized query, per parent (team or company): the repeated-query signal."""
 

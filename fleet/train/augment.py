@@ -35,15 +35,15 @@ from fleet.registry import SnapshotItem
 RECIPE = "qa-v1"
 TOP_K = 8
 _SHOT_NOTE = "Maria's bike is stored in room 12. The cafeteria closes at 3 pm on Fridays."
-_SHOT_QUESTIONS = (
-    "Where is Maria's bike stored?\nWhat time does the cafeteria close on Fridays?\nWhich room holds Maria's bike?"
-)
+_SHOT_QUESTIONS = "Where is Maria's bike stored?\nWhat time does the cafeteria close on Fridays?\nWhich room holds Maria's bike?"
 _STOP = frozenset(
     "the a an and or of to in on at for is are was were be been it its this that with by from as "
     "what which who whom whose when where why how do does did you your i my me we our they their "
     "there here has have had not no yes can could would should will".split()
 )
-_COPULA = re.compile(r"^(?P<x>[^.?!]{3,120}?)\s+(?P<v>is|are|was|were)\s+(?P<y>[^.?!]{1,120})$", re.IGNORECASE)
+_COPULA = re.compile(
+    r"^(?P<x>[^.?!]{3,120}?)\s+(?P<v>is|are|was|were)\s+(?P<y>[^.?!]{1,120})$", re.IGNORECASE
+)
 
 
 def with_context(question: str, passages: Sequence[str]) -> list[dict[str, str]]:
@@ -70,6 +70,13 @@ def _words(text: str) -> set[str]:
 def _keys(text: str) -> set[str]:
     """The tokens a faithful rewrite keeps: numbers, codes and capitalised names."""
     return {w.lower() for w in re.findall(r"\b(?:[A-Z][a-zA-Z-]+|[A-Za-z]*\d[\w-]*)\b", text)} - {"the", "a"}
+
+
+def _passages(text: str) -> list[str]:
+    """A document's sentences, each with the sentence before it (the context a pronoun needs)."""
+    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", text) if len(x.strip()) > 3]
+    out = [s if i == 0 else f"{sentences[i - 1]} {s}" for i, s in enumerate(sentences) if _words(s)]
+    return out or [text]
 
 
 def _questions(text: str) -> list[str]:
@@ -121,42 +128,57 @@ def base_forms(
         return [g.text for g in out]
 
     texts = [it.text for it in items]
+    # A small base answers best about one statement at a time: questions are written, and answered,
+    # for each passage (a sentence with the one before it, which names what "it" or "he" refers to).
+    passages = [(n, p) for n, t in enumerate(texts) for p in _passages(t)]
     ask = [
         chat_ids(
             tokenizer,
             [
                 {"role": "user", "content": f"Note:\n{_SHOT_NOTE}"},
                 {"role": "assistant", "content": _SHOT_QUESTIONS},
-                {"role": "user", "content": f"Note:\n{t}"},
+                {"role": "user", "content": f"Note:\n{p}"},
+            ],
+        )
+        for _, p in passages
+    ]
+    drafts = [gen(ask, max_new=64)]
+    drafts += [gen(ask, max_new=64, temperature=0.8, seed_=seed + 1000 * k) for k in range(2)]
+    flat: list[tuple[int, str, str]] = []  # (item index, passage, question)
+    seen: list[set[str]] = [set() for _ in texts]
+    per_item = [0] * len(texts)
+    for j, (n, passage) in enumerate(passages):
+        words = _words(passage)
+        for draft in drafts:
+            for q in _questions(draft[j]):
+                norm = " ".join(sorted(_words(q)))
+                if norm and norm not in seen[n] and _words(q) & words and per_item[n] < questions:
+                    seen[n].add(norm)
+                    per_item[n] += 1
+                    flat.append((n, passage, q))
+    prompts = [chat_ids(tokenizer, with_context(q, [passage])) for _, passage, q in flat]
+    answers = gen(prompts, max_new=max_answer_tokens)
+    rewrite = [
+        chat_ids(
+            tokenizer,
+            [
+                {
+                    "role": "user",
+                    "content": f"Rewrite this note in other words, keeping every name and number:\n{t}",
+                }
             ],
         )
         for t in texts
     ]
-    drafts = [gen(ask, max_new=96)] + [gen(ask, max_new=96, temperature=0.8, seed_=seed + 1000 * k) for k in range(2)]
-    qs: list[list[str]] = []
-    for n, text in enumerate(texts):
-        seen, keep = set(), []
-        doc_words = _words(text)
-        for draft in drafts:
-            for q in _questions(draft[n]):
-                norm = " ".join(sorted(_words(q)))
-                if norm and norm not in seen and _words(q) & doc_words:
-                    seen.add(norm)
-                    keep.append(q)
-        qs.append(keep[:questions])
-    flat = [(n, q) for n, keep in enumerate(qs) for q in keep]
-    prompts = [chat_ids(tokenizer, with_context(q, [texts[n]])) for n, q in flat]
-    answers = gen(prompts, max_new=max_answer_tokens)
-    rewrite = [
-        chat_ids(tokenizer, [{"role": "user", "content": f"Rewrite this note in other words, keeping every name and number:\n{t}"}])
-        for t in texts
-    ]
     para = [gen(rewrite, max_new=96, temperature=0.7, seed_=seed + 7919 * k) for k in range(paraphrases)]
     out: dict[int, list[dict[str, Any]]] = {it.id: [] for it in items}
-    for (n, q), a, p in zip(flat, answers, prompts, strict=True):
+    for (n, passage, q), a, p in zip(flat, answers, prompts, strict=True):
         a = a.strip()
-        if a and _words(a) & _words(texts[n]):  # an answer that shares nothing with the note is made up
-            out[items[n].id].append({"kind": "qa", "q": q, "a": a, "top": _teacher_top(engine, tokenizer, p, a)})
+        # An answer must say something the passage says, and name nothing the passage does not.
+        if a and _words(a) & _words(passage) and _keys(a) <= _keys(passage) | _keys(q):
+            out[items[n].id].append(
+                {"kind": "qa", "q": q, "a": a, "top": _teacher_top(engine, tokenizer, p, a)}
+            )
     for n, it in enumerate(items):
         keys = _keys(it.text)
         for draft in para:
@@ -169,17 +191,26 @@ def base_forms(
 def _teacher_top(engine, tokenizer, prompt: list[int], answer: str) -> list[list[float]]:
     """The base's top-k next-token log-probs at each answer token, with the document in context:
     ``[[id_1..id_k, logp_1..logp_k], ...]`` (the soft target of context distillation)."""
-    target = chat_ids(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": answer}], add_generation_prompt=False)
+    target = chat_ids(
+        tokenizer,
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": answer}],
+        add_generation_prompt=False,
+    )
     cue = chat_ids(tokenizer, [{"role": "user", "content": "x"}])
     answer_ids = target[len(cue) :]
     ids = torch.tensor([prompt + answer_ids], device=engine.device)
     logp = torch.log_softmax(engine.model(input_ids=ids).logits[0].float(), -1)
     at = logp[len(prompt) - 1 : len(prompt) - 1 + len(answer_ids)]
     val, idx = at.topk(TOP_K, -1)
-    return [[*map(int, i), *(round(float(v), 4) for v in vs)] for i, vs in zip(idx.tolist(), val.tolist(), strict=True)]
+    return [
+        [*map(int, i), *(round(float(v), 4) for v in vs)]
+        for i, vs in zip(idx.tolist(), val.tolist(), strict=True)
+    ]
 
 
-def ensure_forms(registry, engine, tokenizer, items: Sequence[SnapshotItem], *, base_model: str, mode: str, seed: int = 0):
+def ensure_forms(
+    registry, engine, tokenizer, items: Sequence[SnapshotItem], *, base_model: str, mode: str, seed: int = 0
+):
     """Forms of every augmentable item (documents, feedback): stored ones read, missing ones
     generated and stored (first write wins). Returns item id → forms."""
     todo = [it for it in items if it.kind != "conversation"]

@@ -1,11 +1,24 @@
-"""A pack's training data: tokenized rows per member, held-out split, packed batches.
+"""A pack's training data: each member's rows, its held-out rows and probes, packed batches.
 
-Every context item becomes one or more rows (``<bos>`` + tokens + ``<eos>``, cut to the
-context length), so that facts sit at the start of a row exactly as questions do at
-inference. Rows are split into train and held-out by a hash of the item, which is stable
-across runs. Each member draws its rows from its own seeded stream, so a member's data
-order does not depend on who else is in the pack: training it alone or in a pack sees the
-same rows in the same order.
+A row is a token sequence with a loss mask (which tokens are targets) and, for a generated
+question form, the base's top-k distribution at each answer token with the document in context:
+
+- a **document** (or feedback) is trained whole, cut into context-length windows;
+- a **conversation** given as messages is rendered by the base's chat template and only the
+  assistant's tokens are targets (the user's words are the prompt, not something to learn);
+- a **question form** (``fleet.train.augment``) is the question alone in the chat template and the
+  base's answer to it *with* the document: only the answer is a target, and its soft target is
+  the base's distribution with the document (context distillation);
+- a **general** row is public-domain text (``fleet.data.corpus``, replay split): its only loss is
+  the KL toward the base, so adapters keep the base's general behaviour where nothing private is
+  said (the penalty sits on general rows, not on the private ones it would fight).
+
+Each item's question forms are split into train and held-out by a stable seed: held-out forms
+ask about facts whose other forms are trained, worded differently, so they measure recall, the
+way ``fleet eval`` does, and decide when a member has learned enough. An item without question
+forms is held out whole by a hash of the item, as before. Each member draws its rows from its own
+seeded streams, so its data order does not depend on who else is in the pack: training it alone
+or in a pack sees the same rows in the same order.
 """
 
 from __future__ import annotations
@@ -13,22 +26,44 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from fleet.base.loading import chat_ids
 from fleet.registry import SnapshotItem
+from fleet.train.augment import shuffle_split
 
 BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384, 448, 512, 768, 1024, 1536, 2048)
 
 
 @dataclass(frozen=True)
+class Row:
+    """Token ids, the 0/1 mask of target tokens (``None``: every token after the first), the
+    teacher's top-k ``[id_1..id_k, logp_1..logp_k]`` per target token (or ``None``), and whether
+    the row is general text (KL toward the base only)."""
+
+    ids: tuple[int, ...]
+    mask: tuple[int, ...] | None = None
+    top: tuple[tuple[float, ...], ...] | None = None
+    general: bool = False
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def targets(self) -> int:
+        return (len(self.ids) - 1) if self.mask is None else sum(self.mask[1:])
+
+
+@dataclass(frozen=True)
 class MemberData:
     model_id: str
-    train: list[list[int]]
-    heldout: list[list[int]]
-    tokens: int  # training tokens available (one epoch)
+    train: list[Row]
+    heldout: list[Row]
+    probes: list[Row] = field(default_factory=list)  # held-out question forms: recall
+    tokens: int = 0  # training tokens available (one epoch)
 
 
 def _bucket(n: int) -> int:
@@ -56,20 +91,44 @@ def item_ids(items: Sequence[SnapshotItem], tokenizer) -> list[list[int]]:
     return out
 
 
-def rows_from_items(
-    items: Sequence[SnapshotItem], tokenizer, context_length: int
-) -> list[tuple[int, list[int]]]:
-    """(item id, token ids) rows: each item tokenized (``item_ids``) and cut into windows."""
-    if not items:
-        return []
-    out = []
-    for it, ids in zip(items, item_ids(items, tokenizer), strict=True):
-        item_id = it.id
-        for start in range(0, max(1, len(ids) - 1), context_length):
-            piece = ids[start : start + context_length]
-            if len(piece) >= 2:
-                out.append((item_id, piece))
-    return out
+def windows(ids: Sequence[int], context_length: int) -> list[Row]:
+    """A text's tokens cut into context-length rows, every token a target."""
+    return [
+        Row(tuple(ids[s : s + context_length]))
+        for s in range(0, max(1, len(ids) - 1), context_length)
+        if len(ids[s : s + context_length]) >= 2
+    ]
+
+
+def chat_row(tokenizer, messages: list[dict[str, str]], context_length: int, top=None) -> Row | None:
+    """A conversation as one row whose targets are the assistant's tokens only (the template's
+    rendering of each assistant turn, up to and including its end-of-turn token)."""
+    ids = chat_ids(tokenizer, messages, add_generation_prompt=False)
+    mask = [0] * len(ids)
+    for j, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(chat_ids(tokenizer, messages[:j], add_generation_prompt=True))
+        end = len(chat_ids(tokenizer, messages[: j + 1], add_generation_prompt=False))
+        for t in range(start, min(end, len(ids))):
+            mask[t] = 1
+    if not any(mask):  # a template that does not render prefixes as prefixes: learn it all
+        mask = [1] * len(ids)
+    ids, mask = ids[:context_length], mask[:context_length]
+    if sum(mask[1:]) == 0:
+        return None
+    if top is not None and len(top) != sum(mask):
+        top = None  # the teacher's tokens do not line up with this rendering: plain targets only
+    return Row(tuple(ids), tuple(mask), None if top is None else tuple(tuple(t) for t in top))
+
+
+def form_row(tokenizer, form: dict[str, Any], context_length: int) -> list[Row]:
+    if form.get("kind") == "qa":
+        messages = [{"role": "user", "content": form["q"]}, {"role": "assistant", "content": form["a"]}]
+        row = chat_row(tokenizer, messages, context_length, form.get("top"))
+        return [row] if row is not None else []
+    ids = tokenizer(form["text"], add_special_tokens=True)["input_ids"] + [tokenizer.eos_token_id]
+    return windows([t for t in ids if t is not None], context_length)
 
 
 def member_data(
@@ -80,28 +139,51 @@ def member_data(
     *,
     context_length: int,
     heldout_fraction: float,
+    forms: dict[int, list[dict[str, Any]]] | None = None,
+    seed: int = 0,
 ) -> MemberData:
-    """Tokenize a member's snapshot; hold out a stable fraction of its new items."""
-    texts = {it.id: it.text for it in list(new_items) + list(old_items)}
-    rows = rows_from_items(list(new_items) + list(old_items), tokenizer, context_length)
+    """A member's rows: its items (new and replayed), their question forms split into train and
+    held-out, and the held-out question forms as recall probes."""
+    forms = forms or {}
     new_ids = {it.id for it in new_items}
-    train, held = [], []
-    for item_id, ids in rows:
-        if item_id in new_ids and _is_heldout(item_id, texts[item_id], heldout_fraction):
-            held.append(ids)
+    items = list(new_items) + list(old_items)
+    train: list[Row] = []
+    held: list[Row] = []
+    probes: list[Row] = []
+    for it, ids in zip(items, item_ids(items, tokenizer), strict=True):
+        rows = (
+            [r for r in [chat_row(tokenizer, it.chat(), context_length)] if r is not None]
+            if it.messages
+            else windows(ids, context_length)
+        )
+        mine = forms.get(it.id, [])
+        if mine:
+            fit, out = shuffle_split(mine, heldout_fraction if it.id in new_ids else 0.0, f"{seed}:{it.id}")
+            train += rows + [r for f in fit for r in form_row(tokenizer, f, context_length)]
+            q_rows = [r for f in out for r in form_row(tokenizer, f, context_length)]
+            held += q_rows
+            probes += q_rows
+        elif it.id in new_ids and _is_heldout(it.id, it.text, heldout_fraction):
+            held += rows
         else:
-            train.append(ids)
+            train += rows
     if not train and held:  # a member with one item still trains; it is judged on it too
         train = list(held)
     if not held and train:
         held = list(train)
-    return MemberData(model_id, train, held, sum(len(r) for r in train))
+    return MemberData(model_id, train, held, probes, sum(len(r) for r in train))
+
+
+def general_rows(tokenizer, passages: Sequence[str], context_length: int) -> list[Row]:
+    """General text as rows whose only loss is the KL toward the base."""
+    enc = tokenizer(list(passages), add_special_tokens=True)["input_ids"] if passages else []
+    return [Row(tuple(ids[:context_length]), general=True) for ids in enc if len(ids) >= 8]
 
 
 class RowStream:
-    """An endless, seeded, length-bucketed stream of one member's training rows."""
+    """An endless, seeded, length-bucketed stream of one member's rows."""
 
-    def __init__(self, rows: list[list[int]], seed: str) -> None:
+    def __init__(self, rows: list[Row], seed: str) -> None:
         if not rows:
             raise ValueError("a row stream needs rows")
         self.rows = rows
@@ -115,7 +197,7 @@ class RowStream:
         self.rng.setstate(state[0])
         self.queue = list(state[1])
 
-    def take(self, n: int) -> list[list[int]]:
+    def take(self, n: int) -> list[Row]:
         out = []
         for _ in range(n):
             if not self.queue:
@@ -128,36 +210,73 @@ class RowStream:
         return out
 
 
-def collate(
-    rows_per_member: Sequence[list[list[int]]], pad_id: int, pad_to: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids_BT``, ``attention_mask_BT`` and ``member_B`` (index into the pack)."""
+@dataclass
+class Batch:
+    """Right-padded rows of one bucket: ``ids_BT``, ``attention_BT``, ``mask_BT`` (1 = target),
+    ``member_B``, and the teacher's top-k at target positions (``top_at`` = (row, position) pairs,
+    ``top_idx_NK``, ``top_logp_NK``; empty when no row has a teacher)."""
+
+    ids_BT: torch.Tensor
+    attention_BT: torch.Tensor
+    mask_BT: torch.Tensor
+    member_B: torch.Tensor
+    top_at: torch.Tensor
+    top_idx_NK: torch.Tensor
+    top_logp_NK: torch.Tensor
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) for t in self.__dict__.values()))
+
+
+def collate(rows_per_member: Sequence[list[Row]], pad_id: int, pad_to: int | None = None) -> Batch:
     flat = [(m, r) for m, rows in enumerate(rows_per_member) for r in rows]
     T = pad_to or max(len(r) for _, r in flat)
     ids = torch.full((len(flat), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(flat), T), dtype=torch.long)
+    att = torch.zeros((len(flat), T), dtype=torch.long)
+    mask = torch.zeros((len(flat), T), dtype=torch.float32)
     member = torch.empty(len(flat), dtype=torch.long)
+    at, top = [], []
     for b, (m, r) in enumerate(flat):
-        ids[b, : len(r)] = torch.tensor(r)
-        mask[b, : len(r)] = 1
+        n = len(r)
+        ids[b, :n] = torch.tensor(r.ids)
+        att[b, :n] = 1
+        mask[b, :n] = torch.tensor(r.mask, dtype=torch.float32) if r.mask is not None else 1.0
+        mask[b, 0] = 0.0  # the first token is never predicted
         member[b] = m
-    return ids, mask, member
+        if r.top is not None:
+            positions = [t for t in range(n) if r.mask[t]]
+            for t, entry in zip(positions, r.top, strict=True):
+                if t > 0:
+                    at.append((b, t))
+                    top.append(entry)
+    k = len(top[0]) // 2 if top else 1
+    top_t = torch.tensor(top, dtype=torch.float32) if top else torch.zeros(0, 2 * k)
+    return Batch(
+        ids,
+        att,
+        mask,
+        member,
+        torch.tensor(at, dtype=torch.long).reshape(-1, 2),
+        top_t[:, :k].long(),
+        top_t[:, k:],
+    )
 
 
-def bucketed(rows: dict[int, list[list[int]]], pad_id: int):
-    """A step's rows grouped by length bucket: ``(input_ids_BT, attention_mask_BT, member_B)`` per
-    bucket, each padded to the bucket's length, buckets and members in a fixed order."""
-    groups: dict[int, dict[int, list[list[int]]]] = {}
+def bucketed(rows: dict[int, list[Row]], pad_id: int):
+    """A step's rows grouped by length bucket and by kind (private, general), each padded to its
+    bucket's length; buckets and members in a fixed order. Yields ``(batch, general)``."""
+    groups: dict[tuple[bool, int], dict[int, list[Row]]] = {}
     for member in sorted(rows):
         for r in rows[member]:
-            groups.setdefault(_bucket(len(r)), {}).setdefault(member, []).append(r)
-    for b in sorted(groups):
-        members = sorted(groups[b])
-        ids, mask, which = collate([groups[b][m] for m in members], pad_id, pad_to=b)
-        yield ids, mask, torch.tensor(members)[which]
+            groups.setdefault((r.general, _bucket(len(r))), {}).setdefault(member, []).append(r)
+    for general, b in sorted(groups):
+        members = sorted(groups[(general, b)])
+        batch = collate([groups[(general, b)][m] for m in members], pad_id, pad_to=b)
+        batch.member_B = torch.tensor(members)[batch.member_B]
+        yield batch, general
 
 
-def eval_batches(rows: list[list[int]], batch_rows: int) -> list[list[list[int]]]:
+def eval_batches(rows: list[Row], batch_rows: int) -> list[list[Row]]:
     """Held-out rows sorted by length and cut into batches (deterministic)."""
     srt = sorted(rows, key=len)
     return [srt[i : i + batch_rows] for i in range(0, len(srt), batch_rows)]

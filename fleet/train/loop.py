@@ -21,11 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from fleet.config import FleetConfig
-from fleet.train.data import RowStream, bucketed, collate, eval_batches, member_data
+from fleet.data.corpus import general_passages
+from fleet.train.augment import ensure_forms, mode_for
+from fleet.train.data import RowStream, bucketed, collate, eval_batches, general_rows, member_data
 from fleet.train.pack import AdapterRef, PackSpec
 from fleet.train.schedule import lr_at
 
 RESULT_FILE = "result.json"
+GENERAL_POOL, GENERAL_HELDOUT = 64, 4  # general-text passages: replayed per pack / measured per member
 STATE_FILE = "state.pt"
 
 
@@ -127,6 +130,20 @@ def run_pack(
         seed=cfg.train.seed,
         pins={m.model_id: (m.watermark, m.upto) for m in members},
     )
+    # Every document's training forms (questions with the base's answers, paraphrases): read from
+    # the registry, or written now by the base (no adapter rows) and stored for every later run.
+    mode = mode_for(cfg, tokenizer)
+    if progress is not None and mode == "base":
+        progress.update.remote(spec.name, {"phase": "augment", "pid": os.getpid()})
+    forms = ensure_forms(
+        fl.registry,
+        engine,
+        tokenizer,
+        [it for s in snaps.values() for it in (*s.new_items, *s.old_items)],
+        base_model=cfg.base.name,
+        mode=mode,
+        seed=cfg.train.seed,
+    )
     data = [
         member_data(
             m.model_id,
@@ -135,22 +152,41 @@ def run_pack(
             tokenizer,
             context_length=cfg.data.context_length,
             heldout_fraction=cfg.data.heldout_fraction,
+            forms=forms,
+            seed=cfg.train.seed,
         )
         for m in members
     ]
     streams = [
         RowStream(d.train, seed=f"{cfg.train.seed}:{m.model_id}") for m, d in zip(members, data, strict=True)
     ]
+    # General text (never trained on with cross-entropy): each member's own stream over one pool,
+    # its only loss the KL toward the base; a few held-out passages measure its forgetting.
+    tiny = len(tokenizer) < 1000
+    general = general_rows(
+        tokenizer, general_passages(GENERAL_POOL, split="replay", tiny=tiny), cfg.data.context_length
+    )
+    general_streams = [RowStream(general, seed=f"{cfg.train.seed}:{m.model_id}:general") for m in members]
+    general_heldout = general_rows(
+        tokenizer, general_passages(GENERAL_HELDOUT, split="heldout", tiny=tiny), cfg.data.context_length
+    )
     pad = tokenizer.pad_token_id
     rows_per_member = cfg.train.rows_per_member
+    general_per_member = cfg.train.general_rows_per_member
+
+    def judge(recall_only: bool = False):
+        return evaluate(
+            engine, model, data, slot_rows, pad, device, general=general_heldout, recall_only=recall_only
+        )
 
     t_eval = time.perf_counter()
-    before = state["before"] if state else evaluate(engine, model, data, slot_rows, pad, device)
+    before = state["before"] if state else judge()
     eval_s = time.perf_counter() - t_eval
     start = state["step"] if state else 0
     tokens = list(state["tokens"]) if state else [0] * len(members)
+    stopped = list(state.get("stopped", [None] * len(members))) if state else [None] * len(members)
     if state:  # every member's data stream continues exactly where the checkpoint left it
-        for stream, saved in zip(streams, state["streams"], strict=True):
+        for stream, saved in zip(streams + general_streams, state["streams"], strict=False):
             stream.restore(saved)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -159,31 +195,48 @@ def run_pack(
     total = spec.steps
     model.train()
     t0, last_loss = time.time(), [float("nan")] * len(members)
+    check_every = cfg.train.eval_every
     for step in range(start, total):
-        active = [i for i, m in enumerate(members) if _trains(m, i, step, tokens)]
+        active = [i for i, m in enumerate(members) if stopped[i] is None and step < m.learning_schedule.steps]
         if not active:
             break
         rows = {i: streams[i].take(rows_per_member) for i in active}
-        # Each member's own mean: a member with long rows does not outweigh one with short.
-        count_M = torch.zeros(len(members), device=device)
-        for i, rs in rows.items():
-            count_M[i] = sum(len(r) - 1 for r in rs)
         kl_w = torch.tensor([m.kl_weight for m in members], device=device)
+        cd_w = torch.tensor([m.learning_schedule.distill_weight for m in members], device=device)
+        for i in active:
+            if general_per_member and members[i].kl_weight > 0:
+                rows[i] = rows[i] + general_streams[i].take(general_per_member)
+        # Each member's own means: a member with long rows does not outweigh one with short.
+        n_M = torch.zeros(len(members), device=device)
+        g_M = torch.zeros(len(members), device=device)
+        for i, rs in rows.items():
+            n_M[i] = sum(r.targets for r in rs if not r.general)
+            g_M[i] = sum(r.targets for r in rs if r.general)
         loss_M = torch.zeros(len(members), device=device)
-        # One forward/backward per length bucket, every member's rows of that bucket together:
-        # padding stays low, and a row is always computed at its bucket's length, so a member's
-        # numbers do not depend on who else is in the pack (packed == alone, bit for bit).
-        for ids_BT, mask_BT, member_B in bucketed(rows, pad):
-            ids_BT, mask_BT, member_B = ids_BT.to(device), mask_BT.to(device), member_B.to(device)
-            with engine.rows(slot_rows[member_B.cpu()]):
-                logits_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
-                nll_M, _ = _member_nll(logits_BTV, ids_BT, mask_BT, member_B, len(members))
-                part_M = nll_M / count_M.clamp(min=1)
-                if bool((kl_w[active] > 0).any()):
-                    with engine.rows(torch.full((len(member_B), 1), -1)), torch.no_grad():
-                        base_BTV = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
-                    kl_M = _member_kl(base_BTV, logits_BTV, mask_BT, member_B, len(members))
-                    part_M = part_M + kl_w * kl_M / count_M.clamp(min=1)
+        # One forward/backward per length bucket (private and general rows apart), every member's rows
+        # of that bucket together: padding stays low, and a row is always computed at its bucket's
+        # length, so a member's numbers do not depend on who else is in the pack (packed == alone).
+        for batch, is_general in bucketed(rows, pad):
+            batch = batch.to(device)
+            with engine.rows(slot_rows[batch.member_B.cpu()]):
+                logits_BTV = model(input_ids=batch.ids_BT, attention_mask=batch.attention_BT).logits.float()
+                if is_general:
+                    # KL toward the base, on general text only: keeps what the base does where nothing
+                    # private is asked, and never fights the private rows' wanted change.
+                    with engine.rows(torch.full((len(batch.member_B), 1), -1)), torch.no_grad():
+                        base_BTV = model(
+                            input_ids=batch.ids_BT, attention_mask=batch.attention_BT
+                        ).logits.float()
+                    kl_M = _member_kl(base_BTV, logits_BTV, batch.mask_BT, batch.member_B, len(members))
+                    part_M = kl_w * kl_M / g_M.clamp(min=1)
+                else:
+                    # Cross-entropy on the target tokens only (answers, assistant turns, documents), plus
+                    # the KL to the base-with-the-document's top-k on generated answers.
+                    nll_M, _ = _member_nll(
+                        logits_BTV, batch.ids_BT, batch.mask_BT, batch.member_B, len(members)
+                    )
+                    cd_M = _member_distill(logits_BTV, batch, len(members))
+                    part_M = (nll_M + cd_w * cd_M) / n_M.clamp(min=1)
                 part_M.sum().backward()
             loss_M += part_M.detach()
         # Clip per member: a global clip would let one tenant's gradients shrink another's.
@@ -195,6 +248,14 @@ def run_pack(
             tokens[i] += sum(len(r) for r in rows[i])
             last_loss[i] = float(loss_M[i])
         done = step + 1
+        if check_every and done % check_every == 0 and done < total:
+            # Stop a member once it answers its held-out questions (worded unlike any trained row):
+            # more steps would only add forgetting. Members without held-out questions run their steps.
+            now_eval = judge(recall_only=True)
+            for i in active:
+                probe = now_eval[i]["recall"]
+                if probe is not None and probe >= cfg.train.stop_recall:
+                    stopped[i] = done
         if progress is not None and (done % 5 == 0 or done == total):
             progress.update.remote(
                 spec.name,
@@ -213,16 +274,19 @@ def run_pack(
             if eval_every:
                 # Sweeps: the objective as training goes, so that ASHA can stop a bad trial early;
                 # every report carries it (Tune refuses a result without its metric).
-                now.update(_objective(evaluate(engine, model, data, slot_rows, pad, device), kl_lambda))
+                now.update(_objective(judge(), kl_lambda))
             if checkpoint:
-                _report(engine, opt, members, keys, streams, before, done, tokens, now, report=report)
+                _report(
+                    engine, opt, members, keys, streams + general_streams, before, done, tokens, now,
+                    report=report, stopped=stopped,
+                )  # fmt: skip
             else:
                 report(now, None, None)
 
     model.eval()
     train_s = time.perf_counter() - t_train
     t_eval = time.perf_counter()
-    after = evaluate(engine, model, data, slot_rows, pad, device)
+    after = judge()
     eval_s += time.perf_counter() - t_eval
     metrics = {
         # Where the worker's time went (base and adapters loading, held-out evaluations, steps).
@@ -234,6 +298,8 @@ def run_pack(
         "heldout_before": _mean([b["loss"] for b in before]),
         "heldout_after": _mean([a["loss"] for a in after]),
         "kl_after": _mean([a["kl"] for a in after]),
+        "recall_after": _mean([a["recall"] for a in after if a["recall"] is not None]),
+        "general_dnll_after": _mean([a["general_dnll"] for a in after]),
         **_objective(after, kl_lambda),
     }
     members_out = {
@@ -242,30 +308,36 @@ def run_pack(
             "heldout_after": after[i]["loss"],
             "kl_base": after[i]["kl"],
             "top1_base": after[i]["top1"],
+            "recall_before": before[i]["recall"],
+            "recall_after": after[i]["recall"],
+            "general_dnll": after[i]["general_dnll"],
+            "stopped_at": stopped[i],
             "tokens": tokens[i],
             "train_rows": len(data[i].train),
             "heldout_rows": len(data[i].heldout),
+            "probes": len(data[i].probes),
         }
         for i, m in enumerate(members)
     }
     _report(
-        engine, opt, members, keys, streams, before, total, tokens, metrics, final=members_out, report=report
-    )
+        engine, opt, members, keys, streams + general_streams, before, total, tokens, metrics,
+        final=members_out, report=report, stopped=stopped,
+    )  # fmt: skip
 
 
-def _objective(evals: list[dict[str, float]], kl_lambda: float) -> dict[str, float]:
-    """What sweeps minimize: held-out loss after training + λ·KL(base ‖ model)."""
+def _objective(evals: list[dict[str, Any]], kl_lambda: float) -> dict[str, float]:
+    """What sweeps minimize: the held-out questions a member misses, plus λ × its forgetting
+    (ΔNLL on general text, when positive). Members without held-out questions count their
+    held-out loss instead."""
+    recalls = [e["recall"] for e in evals if e["recall"] is not None]
     loss, kl = _mean([e["loss"] for e in evals]), _mean([e["kl"] for e in evals])
-    return {"heldout": loss, "kl": kl, "objective": loss + kl_lambda * kl}
-
-
-def _trains(m, i: int, step: int, tokens: list[int]) -> bool:
-    """A member steps until its own schedule ends (its data was pinned to its budget already)."""
-    return step < m.learning_schedule.steps
+    forgetting = max(0.0, _mean([e["general_dnll"] for e in evals]))
+    miss = (1.0 - _mean(recalls)) if recalls else loss
+    return {"heldout": loss, "kl": kl, "objective": miss + kl_lambda * forgetting}
 
 
 def _member_nll(logits_BTV, ids_BT, mask_BT, member_B, n_members: int):
-    """Summed next-token NLL and token counts per member (padding masked out)."""
+    """Summed next-token NLL over each member's target tokens, and their counts."""
     logp = F.cross_entropy(logits_BTV[:, :-1].transpose(1, 2), ids_BT[:, 1:], reduction="none")
     m_BT = mask_BT[:, 1:].to(logp.dtype)
     per_row = (logp * m_BT).sum(1)
@@ -275,52 +347,106 @@ def _member_nll(logits_BTV, ids_BT, mask_BT, member_B, n_members: int):
 
 
 def _member_kl(base_BTV, logits_BTV, mask_BT, member_B, n_members: int):
-    """Summed per-token KL(base ‖ model) per member."""
+    """Summed per-token KL(base ‖ model) per member over the target tokens."""
     lp_base = F.log_softmax(base_BTV[:, :-1], -1)
     lp_model = F.log_softmax(logits_BTV[:, :-1], -1)
     kl_BT = (lp_base.exp() * (lp_base - lp_model)).sum(-1) * mask_BT[:, 1:]
     return torch.zeros(n_members, device=kl_BT.device).index_add(0, member_B, kl_BT.sum(1))
 
 
+def _member_distill(logits_BTV, batch, n_members: int):
+    """Summed KL(teacher ‖ model) over the teacher's top-k (both renormalised on those k tokens) at
+    each answer token that carries the base-with-the-document's distribution (context distillation)."""
+    out = torch.zeros(n_members, device=logits_BTV.device)
+    if batch.top_at.numel() == 0:
+        return out
+    b, t = batch.top_at[:, 0], batch.top_at[:, 1]
+    student_NV = logits_BTV[b, t - 1]  # position t-1 predicts token t
+    q_NK = F.log_softmax(student_NV.gather(1, batch.top_idx_NK), -1)
+    p_NK = F.log_softmax(batch.top_logp_NK, -1)
+    kl_N = (p_NK.exp() * (p_NK - q_NK)).sum(-1)
+    return out.index_add(0, batch.member_B[b], kl_N)
+
+
 @torch.no_grad()
 def evaluate(
-    engine, model, data, slot_rows, pad: int, device, batch_rows: int = 32
-) -> list[dict[str, float]]:
-    """Held-out loss, KL(base ‖ model) and top-1 agreement with the base, per member."""
+    engine, model, data, slot_rows, pad: int, device, batch_rows: int = 32, general=(), recall_only=False
+) -> list[dict[str, Any]]:
+    """Per member: held-out loss on target tokens, KL(base ‖ model) and top-1 agreement with the
+    base there, recall of held-out questions (every answer token the model's greedy choice, which
+    is exactly what greedy decoding of the answer needs; None without held-out questions), and
+    ΔNLL on held-out general text (forgetting)."""
     was_training = model.training
     model.eval()
     n = len(data)
     nll, cnt, kl, agree = (torch.zeros(n, device=device) for _ in range(4))
+    recall: list[float | None] = [None] * n
+    dnll = [0.0] * n
+
+    def logits(rows, slots_B):
+        batch = collate([rows], pad).to(device)
+        with engine.rows(slots_B):
+            out = model(input_ids=batch.ids_BT, attention_mask=batch.attention_BT).logits.float()
+        return batch, out
+
+    if recall_only:  # the stop check while training: held-out questions only
+        general = ()
+    base_general = _general_nll(logits, general, torch.full((1, 1), -1), 0) if general else 0.0
     for i, d in enumerate(data):
-        for rows in eval_batches(d.heldout, batch_rows):
-            ids_BT, mask_BT, _ = collate([rows], pad)
-            ids_BT, mask_BT = ids_BT.to(device), mask_BT.to(device)
+        member_B = None
+        for rows in eval_batches([] if recall_only else d.heldout, batch_rows):
             member_B = torch.full((len(rows),), i, device=device)
-            with engine.rows(slot_rows[[i] * len(rows)]):
-                logits = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
-            with engine.rows(torch.full((len(rows), 1), -1)):
-                base = model(input_ids=ids_BT, attention_mask=mask_BT).logits.float()
-            s, c = _member_nll(logits, ids_BT, mask_BT, member_B, n)
+            batch, lg = logits(rows, slot_rows[[i] * len(rows)])
+            _, base = logits(rows, torch.full((len(rows), 1), -1))
+            s, c = _member_nll(lg, batch.ids_BT, batch.mask_BT, member_B, n)
             nll += s
             cnt += c
-            kl += _member_kl(base, logits, mask_BT, member_B, n)
-            same = (logits[:, :-1].argmax(-1) == base[:, :-1].argmax(-1)).float() * mask_BT[:, 1:]
+            kl += _member_kl(base, lg, batch.mask_BT, member_B, n)
+            same = (lg[:, :-1].argmax(-1) == base[:, :-1].argmax(-1)).float() * batch.mask_BT[:, 1:]
             agree[i] += same.sum()
+        if d.probes:
+            hits = 0
+            for rows in eval_batches(d.probes, batch_rows):
+                batch, lg = logits(rows, slot_rows[[i] * len(rows)])
+                right = (lg[:, :-1].argmax(-1) == batch.ids_BT[:, 1:]) | (batch.mask_BT[:, 1:] == 0)
+                hits += int(right.all(1).sum())
+            recall[i] = hits / len(d.probes)
+        if general:
+            dnll[i] = _general_nll(logits, general, slot_rows[[i]], 0) - base_general
     model.train(was_training)
     c = cnt.clamp(min=1)
     return [
-        {"loss": float(nll[i] / c[i]), "kl": float(kl[i] / c[i]), "top1": float(agree[i] / c[i])}
+        {
+            "loss": float(nll[i] / c[i]),
+            "kl": float(kl[i] / c[i]),
+            "top1": float(agree[i] / c[i]),
+            "recall": recall[i],
+            "general_dnll": dnll[i],
+        }
         for i in range(n)
     ]
 
 
+def _general_nll(logits, rows, slots_1L, member: int) -> float:
+    total, count = 0.0, 0.0
+    for chunk in eval_batches(list(rows), 16):
+        batch, lg = logits(chunk, slots_1L.expand(len(chunk), -1))
+        s, c = _member_nll(
+            lg, batch.ids_BT, batch.mask_BT, torch.zeros(len(chunk), dtype=torch.long, device=lg.device), 1
+        )
+        total += float(s[0])
+        count += float(c[0])
+    return total / max(1.0, count)
+
+
 def _report(
-    engine, opt, members, keys, streams, before, step, tokens, metrics, final=None, *, report
+    engine, opt, members, keys, streams, before, step, tokens, metrics, final=None, *, report, stopped
 ) -> None:
     """Checkpoint every member's adapter and optimizer state (and, at the end, the results)."""
     state = {
         "step": step,
         "tokens": list(tokens),
+        "stopped": list(stopped),
         "before": before,
         "adapters": {m.model_id: engine.export(k).to_bytes() for m, k in zip(members, keys, strict=True)},
         "optimizer": opt.state_dict(),

@@ -1,0 +1,131 @@
+"""`fleet eval`'s parts that need no model: the facts file, judging a reply, the rates' intervals,
+the held-out guard against training rows, the casebook organisation and the template forms."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_config
+
+from fleet.data.casebook import casebook, read_facts_jsonl
+from fleet.errors import ValidationError
+from fleet.ops.evaluate import check_heldout, correct, read_facts, upper_bound_95, wilson, write_facts
+from fleet.train.augment import shuffle_split, template_forms
+
+
+def test_facts_file_round_trips_and_reads_the_older_format(tmp_path):
+    cb = casebook(companies=1, teams_per_company=1, individuals_per_team=4, seed=3)
+    path = tmp_path / "facts.jsonl"
+    write_facts(path, cb.facts)
+    assert read_facts(path) == list(cb.facts)
+    legacy = json.dumps(
+        {"model": "acme/ops/dana", "question": "dana's locker is", "answer": "B-12", "source": "x"}
+    )
+    (f,) = read_facts_jsonl(legacy)
+    assert (f.form, f.kind, f.level, f.questions, f.sources) == (
+        "completion",
+        "plain",
+        "individual",
+        ("dana's locker is",),
+        ("x",),
+    )
+
+
+@pytest.mark.parametrize(
+    "line, says",
+    [
+        ("{not json", "line 1: not valid JSON"),
+        ('["a"]', "expected a JSON object"),
+        ('{"model": "acme", "questions": ["q?"]}', "'answer' are required"),
+        ('{"model": "acme", "answer": "x", "questions": []}', "'questions' must be a non-empty list"),
+        ('{"model": "Acme Corp", "answer": "x", "questions": ["q?"]}', "Acme Corp"),
+        ('{"model": "acme", "answer": "x", "questions": ["q?"], "kind": "gossip"}', "'kind' 'gossip'"),
+        ('{"model": "acme", "answer": "x", "questions": ["q?"], "form": "voice"}', "'form' 'voice'"),
+        ('{"model": "acme", "answer": "x", "questions": ["q?"], "stale": "y"}', "'stale' must be a list"),
+    ],
+)
+def test_a_bad_facts_line_is_refused_with_where_and_what(line, says):
+    with pytest.raises(ValidationError, match=None) as err:
+        read_facts_jsonl(line, source="f.jsonl")
+    assert says in str(err.value) and str(err.value).startswith("f.jsonl")
+
+
+def test_missing_or_empty_facts_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValidationError, match="no facts file"):
+        read_facts(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValidationError, match="no facts"):
+        read_facts(tmp_path / "empty.jsonl")
+
+
+def test_a_reply_is_judged_on_the_whole_answer_and_the_newest_value():
+    (f,) = read_facts_jsonl(
+        json.dumps({"model": "acme", "questions": ["Where?"], "answer": "B-12", "stale": ["A-07"]})
+    )
+    assert correct("It is in B-12.", f)
+    assert not correct("It is in B-123.", f)  # a whole token, not a substring
+    assert not correct("Row AB-12", f)
+    assert correct("It moved from A-07 to B-12.", f)
+    assert not correct("It was B-12, now A-07.", f)  # the stale value is the last one said
+    assert not correct("", f)
+
+
+def test_intervals_bound_the_rate():
+    lo, hi = wilson(9, 10)
+    assert lo < 0.9 < hi <= 1.0
+    assert wilson(0, 0) == (0.0, 1.0)
+    assert upper_bound_95(0, 60) == pytest.approx(1 - 0.05 ** (1 / 60))  # ≈ 3/n, the rule of three
+    assert upper_bound_95(0, 10) > upper_bound_95(0, 100) > 0
+
+
+def test_casebook_asks_every_level_and_kind_in_forms_no_item_holds():
+    cb = casebook(companies=3, teams_per_company=2, individuals_per_team=4, seed=0)
+    assert len(cb.individuals) >= 20 and len({t.split("/")[0] for t, _ in cb.tenants}) == 3
+    assert len(cb.facts) >= 100
+    assert {f.level for f in cb.facts} == {"company", "team", "individual"}
+    assert {"plain", "updated", "two_hop", "repeated", "personal"} <= {f.kind for f in cb.facts}
+    texts = [i.text.lower() for items in (*cb.items.values(), *cb.later.values()) for i in items]
+    for f in cb.facts:
+        if f.kind == "personal":  # asked in their owners' own conversations by design: leak probes
+            continue
+        for q in f.questions:
+            assert not any(q.lower().rstrip("?") in t for t in texts), (f.id, q)
+    # An updated fact's new value is in a later document; the old one is stale.
+    up = next(f for f in cb.facts if f.kind == "updated")
+    assert up.stale and any(up.answer in i.text for i in cb.later[up.owner])
+
+
+def test_template_forms_and_a_stable_split():
+    forms = template_forms("The deploy window of Atlas is Thursday. Bikes go in the rack.")
+    assert forms[0] == {
+        "kind": "qa",
+        "q": "What is the deploy window of Atlas?",
+        "a": "The deploy window of Atlas is Thursday.",
+    }
+    many = [{"kind": "qa", "q": f"q{i}?", "a": "a"} for i in range(8)] + [{"kind": "text", "text": "t"}]
+    a, held = shuffle_split(many, 0.25, seed="m:1")
+    assert (a, held) == shuffle_split(many, 0.25, seed="m:1")
+    assert len(held) == 2 and {"kind": "text", "text": "t"} in a
+    assert not {f["q"] for f in held} & {f.get("q") for f in a}
+
+
+def test_eval_refuses_when_a_held_out_question_was_trained_with_its_answer(tmp_path, tiny_base):
+    from fleet.context import Fleet
+
+    fl = Fleet(make_config(tmp_path, tiny_base))
+    for t in ("acme", "acme/ops", "acme/ops/dana"):
+        fl.add_tenant(t)
+    fl.ingestor().ingest_many(
+        {"acme/ops/dana": [{"kind": "document", "text": "Where is Dana's locker? Dana's locker is B-12."}]}
+    )
+    (leaky,) = read_facts_jsonl(
+        json.dumps({"model": "acme/ops/dana", "questions": ["Where is Dana's locker?"], "answer": "B-12"})
+    )
+    (fair,) = read_facts_jsonl(
+        json.dumps({"model": "acme/ops/dana", "questions": ["Which locker does Dana use?"], "answer": "B-12"})
+    )
+    check_heldout(fl, [fair], ["acme/ops/dana"])
+    with pytest.raises(ValidationError, match="held-out question"):
+        check_heldout(fl, [leaky], ["acme/ops/dana"])
+    fl.close()
