@@ -264,3 +264,32 @@ def test_of_two_cycles_started_at_once_the_older_goes_on(fl, monkeypatch):
     assert newer["status"] == "failed" and newer["summary"]["error"] == f"cycle {older} started first"
     assert reg.get_cycle(older)["status"] == "running"
     reg.finish_cycle(older, RunStatus.SUCCEEDED, {})
+
+
+def test_a_job_is_submitted_once_the_clusters_agent_is_up_and_other_errors_are_not_retried(fl):
+    """A stand-in for Ray's JobSubmissionClient (a just-started cluster's missing agent cannot be
+    produced on demand): it refuses as Ray does until its agent is up."""
+    from fleet.ops.jobs import submit_job
+
+    class Client:
+        def __init__(self, refusals: int, error: str):
+            self.refusals, self.error, self.calls = refusals, error, 0
+
+        def submit_job(self, **kw):
+            self.calls += 1
+            if self.calls <= self.refusals:
+                raise RuntimeError(self.error)
+            return kw["submission_id"]
+
+    starting = Client(
+        2, "Request failed with status code 500: No available agent to submit job, please try again later.."
+    )
+    assert submit_job(starting, fl.cfg, name="j1", args=["status"], metadata={}, config_path=None) == "j1"
+    assert starting.calls == 3
+    broken = Client(1, "Request failed with status code 400: bad runtime_env")
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        submit_job(broken, fl.cfg, name="j2", args=["status"], metadata={}, config_path=None)
+    assert broken.calls == 1
+    never = Client(99, "No available agent to submit job")
+    with pytest.raises(RuntimeError, match="No available agent"):
+        submit_job(never, fl.cfg, name="j3", args=["status"], metadata={}, config_path=None, agent_wait_s=1.0)

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from fleet.errors import UnavailableError, ValidationError
+from fleet.types import RunStatus
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -70,16 +71,37 @@ def entrypoint(cfg, args: list[str]) -> str:
     return " ".join(shlex.quote(x) for x in [python, "-m", "fleet.cli", *args])
 
 
+# A cluster that has just started (or is busy) answers this until its job agent is up.
+_AGENT_NOT_READY = "No available agent to submit job"
+
+
 def submit_job(
-    client, cfg, *, name: str, args: list[str], metadata: dict[str, Any], config_path: str | None
+    client,
+    cfg,
+    *,
+    name: str,
+    args: list[str],
+    metadata: dict[str, Any],
+    config_path: str | None,
+    agent_wait_s: float = 120.0,
 ) -> str:
-    return client.submit_job(
-        entrypoint=entrypoint(cfg, args),
-        submission_id=name,
-        metadata={k: str(v) for k, v in metadata.items()},
-        runtime_env={"env_vars": job_env(cfg, config_path)},
-        entrypoint_num_cpus=0,
-    )
+    """Submit a job; while the cluster's job agent is not up yet, retry for ``agent_wait_s``."""
+    deadline = time.monotonic() + agent_wait_s
+    delay = 0.5
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint(cfg, args),
+                submission_id=name,
+                metadata={k: str(v) for k, v in metadata.items()},
+                runtime_env={"env_vars": job_env(cfg, config_path)},
+                entrypoint_num_cpus=0,
+            )
+        except RuntimeError as exc:
+            if _AGENT_NOT_READY not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
 
 
 def job_status(client, submission_id: str) -> str:
@@ -133,5 +155,11 @@ def submit_cycle(fl, client, *, config_path: str | None, steps: int | None = Non
     name = f"fleet-cycle-{cycle_id}"
     args = ["cycle", "--cycle-id", str(cycle_id)] + (["--steps", str(steps)] if steps else [])
     meta = {"cycle_id": cycle_id, "packs": len(packs), "models": members, "fleet": "cycle"}
-    submit_job(client, fl.cfg, name=name, args=args, metadata=meta, config_path=config_path)
+    try:
+        submit_job(client, fl.cfg, name=name, args=args, metadata=meta, config_path=config_path)
+    except Exception as exc:
+        # Nothing will run it: close the cycle now rather than leave it "running" until it goes stale.
+        summary = {**(fl.registry.get_cycle(cycle_id)["summary"] or {}), "error": f"not submitted: {exc}"}
+        fl.registry.finish_cycle(cycle_id, RunStatus.FAILED, summary)
+        raise
     return cycle_id, name, meta
