@@ -66,18 +66,20 @@ def register(app: typer.Typer) -> None:
 
     @app.command("eval")
     def eval_(
-        models: int = typer.Option(20, "--models", help="Individuals to sample."),
+        models: int = typer.Option(20, "--models", help="Models to ask, sampled among the facts' models."),
         facts: str = typer.Option(None, "--facts", help="Facts file (default: the demo's)."),
         json_out: bool = typer.Option(False, "--json"),
         seed: int = typer.Option(0, "--seed"),
     ) -> None:
-        """Measure private-fact recall, tokens saved, leakage and forgetting."""
+        """Recall from held-out questions alone against the base, BM25 and whole-context baselines;
+        prompt tokens, forgetting, leakage and memory."""
         from fleet.context import Fleet
         from fleet.ops.evaluate import evaluate, read_facts, render
 
         fl = Fleet(common.config())
         path = facts or str(fl.cfg.data_path / "demo" / "facts.jsonl")
-        res = evaluate(fl, read_facts(path), models=models, seed=seed)
+        say = None if json_out else (lambda msg: common.console.print(f"[dim]{msg}[/]"))
+        res = evaluate(fl, read_facts(path), models=models, seed=seed, progress=say)
         if json_out:
             common.print_json(res)
         else:

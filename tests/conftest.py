@@ -145,10 +145,22 @@ def tiny_base(tmp_path_factory) -> Path:
 def make_config(tmp_path: Path, base: Path, **overrides):
     """A config over a temporary data dir and the session's tiny base."""
     from fleet.config import load_config
+    from fleet.demo import TINY_MAX_GENERAL_DNLL
 
     raw = {"data_dir": str(tmp_path / "fleet-data"), "base": {"path": str(base)}}
+    # The tiny base's general text is its own pre-training text (see fleet.demo); tests that
+    # set their own tiers set their own caps.
+    raw["tiers"] = {
+        t: {"drift": {"max_general_dnll": TINY_MAX_GENERAL_DNLL}} for t in ("company", "team", "individual")
+    }
     for key, value in overrides.items():
-        raw.setdefault(key, {}).update(value) if isinstance(value, dict) else raw.__setitem__(key, value)
+        if key == "tiers":  # per tier, over the caps above
+            for tier, fields in value.items():
+                raw["tiers"].setdefault(tier, {}).update(fields)
+        elif isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
     return load_config(overrides=raw, env={})
 
 

@@ -95,6 +95,7 @@ def publication_gate(fl) -> Callable[[Any, dict[str, Any], Any], tuple[bool, str
             kl=_num(metrics.get("kl_base")),
             rel_weight_norm=rel,
             top1_agreement=_num(metrics.get("top1_base")),
+            general_dnll=_num(metrics.get("general_dnll")),
         )
         status = fl.registry.drift_status([member.model_id])[member.model_id]
         sample = DriftSample(

@@ -182,7 +182,10 @@ def base_forms(
     for n, it in enumerate(items):
         keys = _keys(it.text)
         for draft in para:
-            d = draft[n].strip()
+            # A small base often echoes the instruction first: keep only what follows it.
+            d = "\n".join(
+                x for x in draft[n].strip().split("\n") if "rewrite this note" not in x.lower()
+            ).strip()
             if d and (not keys or len(_keys(d) & keys) * 2 >= len(keys)):
                 out[it.id].append({"kind": "text", "text": d})
     return out
