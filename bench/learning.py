@@ -4,7 +4,7 @@ For each base (the real SmolLM2-135M-Instruct, and the tiny base as a second tab
 gets the casebook organisation (``fleet.data.casebook``: companies × teams × individuals, facts of
 every level, repeated-query, two-hop and updated facts, personal answers), ingests it, runs a
 cycle (scheduling, packed training with the base's own augmentation, drift gate, promotion) as a
-Ray job, ingests the later documents (updates), runs a second cycle, and ``fleet eval`` asks every
+cycle (as ``fleet cycle`` runs it), ingests the later documents (updates), runs a second cycle, and ``fleet eval`` asks every
 fact's held-out question forms through each member's stack, beside the base alone, the base with
 the oracle source, BM25 top-1/3/5 over the member's visible context and the whole visible context.
 
@@ -46,16 +46,19 @@ KEYS = (
 )
 
 
-def run_base(base: str, data: Path, companies: int, teams: int, individuals: int) -> dict:
+def run_base(
+    base: str, data: Path, companies: int, teams: int, individuals: int, eval_only: bool = False
+) -> dict:
     from fleet.config import load_config
     from fleet.context import Fleet
     from fleet.demo import demo_config, real_world, write_demo_facts
-    from fleet.ops.control import run_loop
     from fleet.ops.evaluate import evaluate, read_facts, render
 
     cfg = demo_config(load_config(overrides={"data_dir": str(data)}, env={}), base)
     t0 = time.perf_counter()
-    if base == "tiny":
+    if eval_only:
+        pass  # the data directory of an earlier run: measure again what it trained
+    elif base == "tiny":
         from fleet.base import ensure_base
 
         ensure_base(cfg, progress=True)
@@ -65,16 +68,13 @@ def run_base(base: str, data: Path, companies: int, teams: int, individuals: int
         import_base("smollm2", Path(cfg.base.path), progress=True)
     fl = Fleet(cfg)
     world = real_world(companies, teams, individuals)
-    for t, shares in sorted(world.tenants, key=lambda t: t[0].count("/")):
-        fl.add_tenant(t, shares=shares)
     facts_path = write_demo_facts(fl, world.facts)
     console.print(f"[bold]{base}[/bold]: {world.summary}")
-    fl.ingestor().ingest_many(world.items)
-    run_loop(fl, every_s=None, once=True, config_path=None, console=console)
-    fl.ingestor().ingest_many(world.later)
-    run_loop(fl, every_s=None, once=True, config_path=None, console=console)
+    if not eval_only:
+        train(fl, world)
     train_s = time.perf_counter() - t0
     res = evaluate(fl, read_facts(facts_path), progress=console.print)
+
     render(res, console)
     wall = time.perf_counter() - t0
     import ray
@@ -98,9 +98,24 @@ def run_base(base: str, data: Path, companies: int, teams: int, individuals: int
             for n, m in res["methods"].items()
         },
         "leakage": res["leakage"],
-        "train_s": round(train_s, 1),
+        "train_s": None if eval_only else round(train_s, 1),
+        "eval_s": round(wall - train_s, 1),
         "wall_s": round(wall, 1),
     }
+
+
+def train(fl, world) -> None:
+    """The organisation's tenants and items, then two cycles as `fleet cycle` runs them here (plan,
+    packed training, drift gate, publication, scan: the path of `fleet run`'s jobs, without a job
+    per cycle), the later documents (updates) ingested between them."""
+    from fleet.ops.control import cycle_once
+
+    for t, shares in sorted(world.tenants, key=lambda t: t[0].count("/")):
+        fl.add_tenant(t, shares=shares)
+    fl.ingestor().ingest_many(world.items)
+    cycle_once(fl, console=console)
+    fl.ingestor().ingest_many(world.later)
+    cycle_once(fl, console=console)
 
 
 def main() -> None:
@@ -110,6 +125,7 @@ def main() -> None:
     ap.add_argument("--teams", type=int, help="teams per company (default: 2 tiny, 1 smollm2)")
     ap.add_argument("--individuals", type=int, default=4, help="individuals per team (at least 4)")
     ap.add_argument("--data-dir", help="data directory (default: a fresh temporary one)")
+    ap.add_argument("--eval-only", action="store_true", help="measure again what --data-dir's run trained")
     args = ap.parse_args()
 
     root = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="fleet-learning-"))
@@ -119,7 +135,7 @@ def main() -> None:
         full = base == "tiny"
         companies = args.companies or (3 if full else 1)
         teams = args.teams or (2 if full else 1)
-        out = run_base(base, root / base, companies, teams, args.individuals)
+        out = run_base(base, root / base, companies, teams, args.individuals, eval_only=args.eval_only)
         figures.setdefault("bases", {})[base] = out
         targets = base == "smollm2"
         table(

@@ -216,8 +216,22 @@ def evaluate(
             return list(tok(text)["input_ids"])
         return chat_ids(tok, with_context(a.question, a.context or []))
 
+    trimmed: list[int] = [0]
+
+    def fitted(a: _Ask) -> list[int]:
+        """The prompt, its lowest-ranked passages dropped until it fits the base's context window
+        with the reply (counted in the method's ``trimmed``)."""
+        ids = prompt(a)
+        passages = list(a.context or [])
+        if len(ids) + max_new_tokens > window and passages:
+            trimmed[0] += 1
+        while len(ids) + max_new_tokens > window and passages:
+            passages.pop()
+            ids = prompt(_Ask(a.fact, a.question, a.model, passages))
+        return ids
+
     def run(asks: list[_Ask], trained: bool) -> tuple[list[str], list[int]]:
-        prompts = [prompt(a) for a in asks]
+        prompts = [fitted(a) for a in asks]
         rows = [row[a.model] if trained else base_row for a in asks]
         texts: list[str] = []
         for i in range(0, len(prompts), batch):
@@ -248,6 +262,7 @@ def evaluate(
     replies: dict[str, list[str]] = {}
     for name, asks in method_asks.items():
         say(f"eval: {name} ({len(asks)} questions)")
+        trimmed[0] = 0
         texts, lengths = run(asks, trained=name == "trained")
         replies[name] = texts
         hits = [correct(t, a.fact) for t, a in zip(texts, asks, strict=True)]
@@ -256,6 +271,7 @@ def evaluate(
             "prompt_tokens": sum(lengths) / max(1, len(lengths)),
             "by_level": _grouped(asks, hits, lambda a: a.fact.level),
             "by_kind": _grouped(asks, hits, lambda a: a.fact.kind),
+            "trimmed": trimmed[0],  # prompts whose last passages were dropped to fit the window
         }
     # Whole-context stuffing costs its prompt whether or not the base can read it: its tokens are
     # counted for every question; its recall only where the visible context fits the window.
