@@ -76,6 +76,7 @@ def run_base(
     res = evaluate(fl, read_facts(facts_path), progress=console.print)
 
     render(res, console)
+    cycles = fl.registry.list_cycles(limit=100)
     wall = time.perf_counter() - t0
     import ray
 
@@ -98,6 +99,7 @@ def run_base(
             for n, m in res["methods"].items()
         },
         "leakage": res["leakage"],
+        "cycles_trained": sum(1 for c in cycles if c["status"] == "succeeded"),
         "train_s": None if eval_only else round(train_s, 1),
         "eval_s": round(wall - train_s, 1),
         "wall_s": round(wall, 1),
