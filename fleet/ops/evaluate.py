@@ -207,8 +207,13 @@ def evaluate(
     window = context_window(engine.model.config) or 4096
     say = progress or (lambda msg: None)
 
+    own: dict[str, list[str]] = {}  # each model's own item texts, read once (parents are shared)
+
     def visible(model: str) -> list[str]:
-        return [it["text"] for m in lineage(model) for it in fl.registry.items(m)]
+        for m in lineage(model):
+            if m not in own:
+                own[m] = [it["text"] for it in fl.registry.items(m)]
+        return [t for m in lineage(model) for t in own[m]]
 
     def prompt(a: _Ask) -> list[int]:
         if a.fact.form == "completion":  # a prefix to continue (a base without chat)
@@ -254,7 +259,8 @@ def evaluate(
             mine = [(f, q) for f, q in pairs if f.model == m]
             tops.update(zip(mine, _bm25_top(vis[m], [q for _, q in mine], k), strict=True))
         method_asks[f"bm25_top{k}"] = [_Ask(f, q, f.model, tops[(f, q)]) for f, q in pairs]
-    full_fits = {m: len(chat_ids(tok, with_context("?", vis[m]))) + max_new_tokens <= window for m in askers}
+    vis_tokens = {m: len(chat_ids(tok, with_context("?", vis[m]))) for m in askers}
+    full_fits = {m: vis_tokens[m] + max_new_tokens <= window for m in askers}
     method_asks["full_context"] = [_Ask(f, q, f.model, vis[f.model]) for f, q in pairs if full_fits[f.model]]
 
     out: dict[str, Any] = {"models": len(askers), "facts": len(cases), "questions": len(pairs)}
@@ -327,8 +333,7 @@ def evaluate(
     mem = []
     for m in askers:
         adapter = sum(v.size_bytes for v in _stack_versions(fl, stacks[m]))
-        ctx_tokens = len(chat_ids(tok, with_context("?", vis[m])))
-        mem.append((adapter, ctx_tokens * kv_per_token))
+        mem.append((adapter, vis_tokens[m] * kv_per_token))
     adapters = sum(a for a, _ in mem) / len(mem)
     kv = sum(b for _, b in mem) / len(mem)
     out["adapter_bytes_per_stack"] = adapters

@@ -150,11 +150,13 @@ def member_data(
     train: list[Row] = []
     held: list[Row] = []
     probes: list[Row] = []
-    for it, ids in zip(items, item_ids(items, tokenizer), strict=True):
+    # Texts are tokenized together; a conversation is rendered once, by chat_row (targets masked).
+    text_ids = iter(item_ids([it for it in items if not it.messages], tokenizer))
+    for it in items:
         rows = (
             [r for r in [chat_row(tokenizer, it.chat(), context_length)] if r is not None]
             if it.messages
-            else windows(ids, context_length)
+            else windows(next(text_ids), context_length)
         )
         mine = forms.get(it.id, [])
         if mine:
