@@ -41,6 +41,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fleet tests bench
 	$(VENV)/bin/ruff format --check fleet tests bench
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layering.py
 
 clean:
 	rm -rf fleet-data .pytest_cache

@@ -50,8 +50,8 @@ def run_base(
     base: str, data: Path, companies: int, teams: int, individuals: int, eval_only: bool = False
 ) -> dict:
     from fleet.config import load_config
-    from fleet.context import Fleet
     from fleet.demo import demo_config, real_world, write_demo_facts
+    from fleet.handles import Fleet
     from fleet.ops.evaluate import evaluate, read_facts, render
 
     cfg = demo_config(load_config(overrides={"data_dir": str(data)}, env={}), base)

@@ -138,8 +138,8 @@ def ray_wall(steps: int) -> dict[str, float]:
     import ray
 
     from fleet.config import load_config
-    from fleet.context import Fleet
     from fleet.data.synth import synthetic_org
+    from fleet.handles import Fleet
     from fleet.train.launch import run_packs
     from fleet.train.pack import build_pack
 

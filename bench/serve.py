@@ -59,7 +59,7 @@ from _tiny import tiny_llama  # noqa: E402
 
 from fleet.base.tokenizer import build_tokenizer  # noqa: E402
 from fleet.config import FleetConfig, load_config  # noqa: E402
-from fleet.context import Fleet  # noqa: E402
+from fleet.handles import Fleet  # noqa: E402
 from fleet.serve.sample import publish_random  # noqa: E402
 
 COMPANIES, TEAMS_PER_COMPANY = 10, 4
@@ -141,7 +141,7 @@ class EngineAlone:
     def tokens_per_s(self, *, rows: int, seconds: float, max_tokens: int, seed: int) -> float:
         import torch
 
-        from fleet.base.loading import stop_token_ids
+        from fleet.base.tokenizer import stop_token_ids
         from fleet.lora import DecodeBatch
         from fleet.serve.runtime import encode_prompt
 

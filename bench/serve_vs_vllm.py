@@ -167,9 +167,9 @@ def build_fleet(tmp: Path, base_dir: Path) -> tuple[object, list[str], dict[str,
     """A fleet data dir over ``base_dir`` with 128 adapted models and a plain
     company; every stack exported as one PEFT LoRA under ``tmp/loras`` (vLLM's adapters)."""
     from fleet.config import load_config
-    from fleet.context import Fleet
+    from fleet.handles import Fleet
     from fleet.lora.interop import export_peft
-    from fleet.serve.runtime import load_base_model
+    from fleet.serve.runtime import build_runtime
     from fleet.serve.sample import publish_random
 
     overrides: dict = {
@@ -190,7 +190,7 @@ def build_fleet(tmp: Path, base_dir: Path) -> tuple[object, list[str], dict[str,
             rank=cfg.lora.rank,
             alpha=cfg.lora.alpha,
         )
-    base, _ = load_base_model(cfg)
+    base = build_runtime(cfg, slots=1).engine.model
     publish_random(
         fl.registry, fl.store, base, tree, base_model=cfg.base.name, rank=cfg.lora.rank,
         alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,

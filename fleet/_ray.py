@@ -1,8 +1,14 @@
-"""Joining or starting Ray for fleet's commands."""
+"""Joining or starting Ray for fleet's commands, and submitting and following Ray jobs (the
+Jobs API: cycles, the drift watch)."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
 from fleet.config import FleetConfig
 from fleet.errors import UnavailableError
@@ -93,3 +99,120 @@ def _dashboard_url() -> str | None:
 
 
 _STATE: dict[str, str | None] = {}
+
+
+def train_storage(cfg: FleetConfig) -> tuple[str, Any]:
+    """Ray Train's (and Tune's) storage path and filesystem: a local path, or S3 with the
+    store's endpoint."""
+    path = cfg.runs_path
+    if path.startswith("s3://") and cfg.store.endpoint_url:
+        from urllib.parse import urlparse
+
+        import pyarrow.fs
+
+        ep = urlparse(cfg.store.endpoint_url)
+        fs = pyarrow.fs.S3FileSystem(
+            endpoint_override=ep.netloc, scheme=ep.scheme or "https", region=cfg.store.region
+        )
+        return path[len("s3://") :], fs
+    if "://" not in path:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    return path, None
+
+
+# ---------------------------------------------------------------------- Ray jobs
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def job_client(cfg, dashboard_url: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    address = dashboard_url or cfg.ray.dashboard_url
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # noqa: BLE001 - the client raises plain exceptions for a bad address
+        raise UnavailableError(f"the Ray Jobs API at {address} is unreachable: {exc}") from None
+
+
+def job_env(cfg, config_path: str | None) -> dict[str, str]:
+    """What the job's driver needs to open the same fleet.
+
+    On a local Ray the driver runs on this machine: it gets this process's effective config (a
+    file in the data dir). A remote cluster's nodes carry their own config and secrets (cluster.yaml,
+    k8s Secrets); nothing secret goes into the runtime env, which the dashboard displays.
+    """
+    env = ray_env(cfg)
+    if cfg.ray.address:
+        if config_path:
+            env["FLEET_CONFIG"] = config_path
+        return env
+    from fleet.config import render_commented_yaml
+
+    path = cfg.data_path / "run" / "effective-fleet.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(render_commented_yaml(cfg))
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
+    env["FLEET_CONFIG"] = str(path)
+    return env
+
+
+def entrypoint(cfg, args: list[str]) -> str:
+    # A local cluster runs jobs with this very interpreter; a remote one with the nodes' python.
+    python = "python" if cfg.ray.address else sys.executable
+    return " ".join(shlex.quote(x) for x in [python, "-m", "fleet.cli", *args])
+
+
+# A cluster that has just started (or is busy) answers this until its job agent is up.
+_AGENT_NOT_READY = "No available agent to submit job"
+
+
+def submit_job(
+    client,
+    cfg,
+    *,
+    name: str,
+    args: list[str],
+    metadata: dict[str, Any],
+    config_path: str | None,
+    agent_wait_s: float = 120.0,
+) -> str:
+    """Submit a job; while the cluster's job agent is not up yet, retry for ``agent_wait_s``."""
+    deadline = time.monotonic() + agent_wait_s
+    delay = 0.5
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint(cfg, args),
+                submission_id=name,
+                metadata={k: str(v) for k, v in metadata.items()},
+                runtime_env={"env_vars": job_env(cfg, config_path)},
+                entrypoint_num_cpus=0,
+            )
+        except RuntimeError as exc:
+            if _AGENT_NOT_READY not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+
+def job_status(client, submission_id: str) -> str:
+    """The job's status as its bare name (RUNNING, SUCCEEDED, STOPPED, …)."""
+    return str(client.get_job_status(submission_id)).split(".")[-1]
+
+
+def wait_job(
+    client, submission_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None, on_poll=None
+) -> str:
+    """Poll a job until it ends (or ``timeout_s``); ``on_poll(status)`` runs after every poll."""
+    t0 = time.time()
+    while True:
+        status = job_status(client, submission_id)
+        if on_poll is not None:
+            on_poll(status)
+        if status in TERMINAL:
+            return status
+        if timeout_s is not None and time.time() - t0 > timeout_s:
+            return status
+        time.sleep(poll_s)

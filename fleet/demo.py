@@ -31,7 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fleet.config import FleetConfig
-from fleet.context import Fleet
+from fleet.handles import Fleet
 
 DEMO_SEED = 0
 DEMO_STEPS, DEMO_LR = 12, 6e-3
@@ -50,7 +50,7 @@ class World:
     tenants: list[tuple[str, float]]
     items: dict[str, list[dict]]
     later: dict[str, list[dict]]
-    facts: list  # fleet.data.casebook.FactCase
+    facts: list  # fleet.data.facts.FactCase
     summary: str
 
 
@@ -270,11 +270,11 @@ def ask_over_http(fl, facts, console: Console, n: int = 4) -> list[dict]:
     the base's answer to the question alone and with the fact's sources in the prompt."""
     from openai import OpenAI
 
-    from fleet.runtime import load_engine
+    from fleet.lora.build import build_engine
     from fleet.serve import start
 
     url = start(fl.cfg)
-    engine, tok = load_engine(fl.cfg, max_slots=1, device="cpu")
+    engine, tok = build_engine(fl.cfg, slots=1, device="cpu")
     table = Table(title="private questions, answered by each individual's model")
     for col in ("model", "question", "fleet (trained)", "base", "base + context", "prompt tokens saved"):
         table.add_column(col)
@@ -309,7 +309,7 @@ def _line(text: str) -> str:
 def _ask(client, engine, tok, fact) -> dict:
     """One fact's question over the API (chat, or a completion for a base without chat), beside
     the base alone and the base with the fact's sources in its prompt."""
-    from fleet.base.loading import chat_ids
+    from fleet.base.tokenizer import chat_ids
     from fleet.lora import generate
     from fleet.train.augment import with_context
 

@@ -17,7 +17,7 @@ SECRET = "S3cret-pw"
 
 
 def _runner(tmp_path, registry_url, tiny_base, capsys, monkeypatch):
-    from fleet import _cli_common
+    from fleet.cli import _common as _cli_common
 
     monkeypatch.setattr(_cli_common.console, "width", 500)  # long URIs on one line
     conf = tmp_path / "fleet.yaml"

@@ -21,11 +21,11 @@ import yaml
 from _tiny import one_thread, random_lora, tiny_llama
 
 from fleet.config import load_config
-from fleet.context import Fleet
 from fleet.divergence import probes as probe_sets
 from fleet.divergence._logits import TopKCache, function_metrics, log_probs, nll_shift
 from fleet.divergence.monitor import publication_gate, scan, scan_after_training, unfreeze
 from fleet.errors import ConflictError, NotFoundError, ValidationError
+from fleet.handles import Fleet
 from fleet.registry import PublishRequest
 from fleet.types import AdapterState, DriftState
 
@@ -149,14 +149,14 @@ def _materialized(base_dir: Path, adapters) -> torch.nn.Module:
 def test_engine_scores_equal_the_pure_functions_on_materialized_logits(fleet, base_dir):
     from fleet.divergence._basenorms import base_norms
     from fleet.divergence.scoring import FunctionScorer, ScoreItem
-    from fleet.runtime import load_engine
+    from fleet.lora.build import build_engine
 
     add(fleet, "acme", "acme/search", "acme/search/dana", "acme/search/eve", "beta")
     ws = {}
     for i, m in enumerate(["acme", "acme/search", "acme/search/dana", "acme/search/eve", "beta"]):
         ws[m] = publish(fleet, m, std=0.03, seed=i, zero=(m == "beta"))[1]
     probe = probe_sets.ensure(fleet)
-    engine, _ = load_engine(fleet.cfg, max_slots=12, max_rank=4, device="cpu")
+    engine, _ = build_engine(fleet.cfg, slots=12, ranks=[4], device="cpu")
     keys = {m: f"{m}@v1" for m in ws}
     items = [
         ScoreItem(
@@ -222,9 +222,9 @@ def test_packed_probe_rows_equal_the_models_own_forward_row_by_row(fleet, base_d
     """The Llama fast path (a stack's probe rows as one engine row, attention per probe row) gives the
     logits of the engine's plain forward over one row per probe row, mixed stacks in one batch."""
     from fleet.divergence import _forward
-    from fleet.runtime import load_engine
+    from fleet.lora.build import build_engine
 
-    engine, _ = load_engine(fleet.cfg, max_slots=4, max_rank=4, device="cpu")
+    engine, _ = build_engine(fleet.cfg, slots=4, ranks=[4], device="cpu")
     model = tiny_llama(**SHAPE, seed=1)
     s = [engine.load(f"a{i}", random_lora(model, rank=4, seed=20 + i, std=0.05)) for i in range(3)]
     slots = [[s[0], s[1], s[2]], [s[0], -1, -1], [-1, -1, -1], [s[2], s[1], -1]]

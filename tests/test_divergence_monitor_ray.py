@@ -63,8 +63,8 @@ def _drift_series(port: int) -> list[str]:
 
 
 def test_watch_runs_as_a_ray_job_until_stopped_and_exports_bounded_metrics(cluster, fleet):
+    from fleet._ray import wait_job
     from fleet.divergence.watch import submit_watch
-    from fleet.ops.jobs import wait_job
 
     url, port = cluster
     fl, config_path = fleet

@@ -12,7 +12,7 @@ from fleet.divergence.policy import (
     DriftMetrics,
     DriftSample,
     MetricStats,
-    PolicyConfig,
+    DriftPolicy,
     decide,
     gate,
     population_stats,
@@ -21,7 +21,7 @@ from fleet.errors import ConfigError
 from fleet.types import DriftAction, DriftState
 
 CAPS = DriftCaps(max_kl=2.0, max_rel_weight_norm=1.0, min_top1_agreement=0.2, max_general_dnll=1.0)
-POLICY = PolicyConfig(
+POLICY = DriftPolicy(
     population_sigma=3.0,
     min_population=20,
     freeze_after=3,
@@ -160,10 +160,10 @@ def test_policy_config_from_fleet_config_and_validation():
             "tiers": {"team": {"drift": {"max_kl": 0.7}}},
         }
     )
-    p = PolicyConfig.from_config(cfg, freeze_after=5)
+    p = DriftPolicy.from_config(cfg, freeze_after=5)
     assert (p.population_sigma, p.min_population, p.freeze_after) == (2.5, 7, 5)
     assert p.caps_for("team").max_kl == 0.7 and p.caps_for("company").max_kl == 2.0
     with pytest.raises(ConfigError, match="tier"):
         p.caps_for("galaxy")
     with pytest.raises(ConfigError, match="freeze_after"):
-        PolicyConfig(freeze_after=0)
+        DriftPolicy(freeze_after=0)

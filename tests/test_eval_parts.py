@@ -8,7 +8,8 @@ import json
 import pytest
 from conftest import make_config
 
-from fleet.data.casebook import casebook, read_facts_jsonl
+from fleet.data.casebook import casebook
+from fleet.data.facts import read_facts_jsonl
 from fleet.errors import ValidationError
 from fleet.ops.evaluate import check_heldout, correct, read_facts, upper_bound_95, wilson, write_facts
 from fleet.train.augment import shuffle_split, template_forms
@@ -111,7 +112,7 @@ def test_template_forms_and_a_stable_split():
 
 
 def test_eval_refuses_when_a_held_out_question_was_trained_with_its_answer(tmp_path, tiny_base):
-    from fleet.context import Fleet
+    from fleet.handles import Fleet
 
     fl = Fleet(make_config(tmp_path, tiny_base))
     for t in ("acme", "acme/ops", "acme/ops/dana"):

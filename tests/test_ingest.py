@@ -242,7 +242,7 @@ def test_hostile_conversations_are_parsed_in_linear_time(tmp_path):
 def test_conversations_as_messages_render_with_the_bases_chat_template(db_ingestor, tmp_path):
     """Structured messages are stored whole, counted and trained in the base template's rendering,
     and their exchanges count as repeated queries; malformed messages are refused by line."""
-    from fleet.base.loading import chat_ids
+    from fleet.base.tokenizer import chat_ids
     from fleet.train.data import item_ids
 
     ing, reg = db_ingestor, db_ingestor.registry

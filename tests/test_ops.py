@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import free_port, make_config
 
-from fleet.context import Fleet
 from fleet.data.synth import synthetic_org
 from fleet.demo import TINY_MAX_GENERAL_DNLL
+from fleet.handles import Fleet
 from fleet.types import AdapterState
 
 STEPS = 20
@@ -88,8 +88,8 @@ def untrained_eval(fl, facts):
 
 
 def test_killed_cycle_then_rerun_publishes_every_member_once(fl, org, ray_dashboard, untrained_eval):
-    from fleet.ops.cycle import run_cycle
-    from fleet.ops.jobs import job_client, submit_cycle, wait_job
+    from fleet._ray import job_client
+    from fleet.ops.cycle import run_cycle, submit_cycle, wait_job
     from fleet.status import collect_status
 
     client = job_client(fl.cfg, ray_dashboard)
@@ -271,7 +271,7 @@ def test_of_two_cycles_started_at_once_the_older_goes_on(fl, monkeypatch):
 def test_a_job_is_submitted_once_the_clusters_agent_is_up_and_other_errors_are_not_retried(fl):
     """A stand-in for Ray's JobSubmissionClient (a just-started cluster's missing agent cannot be
     produced on demand): it refuses as Ray does until its agent is up."""
-    from fleet.ops.jobs import submit_job
+    from fleet._ray import submit_job
 
     class Client:
         def __init__(self, refusals: int, error: str):

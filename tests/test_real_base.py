@@ -23,7 +23,7 @@ from peft import PeftModel
 
 from fleet.base import base_fingerprint, base_meta, load_base
 from fleet.base.importing import import_base, packaged_gguf
-from fleet.base.loading import stop_token_ids
+from fleet.base.tokenizer import stop_token_ids
 from fleet.cli import main
 from fleet.errors import ConfigError
 
@@ -121,7 +121,7 @@ def test_mixed_adapter_batch_matches_peft_row_by_row(smollm2, base, tmp_path):
 @pytest.fixture(scope="module")
 def trained(smollm2, tmp_path_factory, ray_local):
     """A fleet on SmolLM2: an org, its documents ingested, a 2-member pack trained 2 steps and published."""
-    from fleet.context import Fleet
+    from fleet.handles import Fleet
     from fleet.train.runner import packs_of_models, train_packs
 
     cfg = make_config(
@@ -165,14 +165,14 @@ def cfg_name(fl) -> str:
 
 
 def test_exported_stack_loads_in_peft_with_the_engines_logits(trained, base, tmp_path):
+    from fleet.lora.build import StackSlots, build_engine
     from fleet.lora.interop import export_peft
-    from fleet.runtime import StackSlots, load_engine
 
     fl, _, _ = trained
     model, tok = base
     mid = "acme/ops/ann"
     export_peft(fl, mid, str(tmp_path / "ann"), stack=True)
-    engine, _ = load_engine(fl.cfg, max_slots=2, max_rank=8, device="cpu")
+    engine, _ = build_engine(fl.cfg, slots=2, ranks=[8], device="cpu")
     row = StackSlots(engine, fl.store).row(fl.registry.active_stack(mid))
     ids = torch.tensor([chat_ids(tok)])
     with torch.no_grad(), engine.rows(torch.tensor([row])):
@@ -189,7 +189,7 @@ def test_chat_completion_served_through_the_bases_template(trained, base):
     from ray import serve
 
     from fleet.lora import generate
-    from fleet.runtime import StackSlots, load_engine
+    from fleet.lora.build import StackSlots, build_engine
     from fleet.serve.app import start
 
     fl, _, _ = trained
@@ -199,7 +199,7 @@ def test_chat_completion_served_through_the_bases_template(trained, base):
     try:
         _wait_healthy(url)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=300)
-        engine, _ = load_engine(fl.cfg, max_slots=2, max_rank=8, device="cpu")
+        engine, _ = build_engine(fl.cfg, slots=2, ranks=[8], device="cpu")
         for mid in ("acme", "acme/ops/ann"):
             out = client.chat.completions.create(model=mid, messages=CHAT, max_tokens=24, temperature=0)
             row = StackSlots(engine, fl.store).row(fl.registry.active_stack(mid))

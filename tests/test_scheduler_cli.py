@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from fleet import _cli_common as common
+from fleet.cli import _common as common
 from fleet.cli import main
+from fleet.cli.scheduler import plan_and_show
 from fleet.config import load_config
-from fleet.scheduler import Demand, Plan
-from fleet.scheduler.cli import base_specs, inventory_for, plan_and_show
+from fleet.scheduler import Demand, Plan, base_specs, inventory_for
 
 
 @pytest.fixture

@@ -16,8 +16,8 @@ from _tiny import one_thread, tiny_llama
 
 from fleet.base.tokenizer import build_tokenizer
 from fleet.config import FleetConfig, load_config
-from fleet.context import Fleet
 from fleet.errors import AuthError, OverloadedError, RateLimitError, ValidationError
+from fleet.handles import Fleet
 from fleet.lora import generate
 from fleet.serve import protocol as p
 from fleet.serve.batcher import Done, Job, Token

@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import make_config
 
-from fleet.context import Fleet
 from fleet.data.synth import synthetic_org
 from fleet.errors import NotFoundError, ValidationError
+from fleet.handles import Fleet
 from fleet.train.loop import run_pack
 from fleet.train.pack import build_pack
 from fleet.types import AdapterState, RunStatus
@@ -56,9 +56,9 @@ def _run(fl, ids, steps=STEPS):
 
 def _engine_with(fl, adapters: dict[str, tuple[bytes, bytes]]):
     from fleet.lora import AdapterWeights
-    from fleet.runtime import load_engine
+    from fleet.lora.build import build_engine
 
-    engine, tok = load_engine(fl.cfg, max_slots=len(adapters) + 1, device="cpu")
+    engine, tok = build_engine(fl.cfg, slots=len(adapters) + 1, device="cpu")
     slots = {k: engine.load(k, AdapterWeights.from_bytes(*v)) for k, v in adapters.items()}
     return engine, tok, slots
 

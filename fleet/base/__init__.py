@@ -25,7 +25,7 @@ Imports are lazy: ``import fleet.base`` does not load torch or transformers.
 
 from __future__ import annotations
 
-from typing import Any
+from fleet._lazy import lazy_exports
 
 _EXPORTS = {
     "build_tiny_base": "fleet.base.build",
@@ -44,17 +44,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fleet.base' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -113,7 +113,7 @@ def _pretrain_with_progress(model, rows, spec: PretrainSpec, progress: bool) -> 
 
 
 def save_quietly(model, tokenizer, path: Path) -> None:
-    from fleet.base.loading import quiet_transformers
+    from fleet.base.tokenizer import quiet_transformers
 
     with quiet_transformers():
         model.save_pretrained(path, safe_serialization=True)

@@ -108,7 +108,8 @@ def load_source(source: Source, *, dtype: str = "auto") -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from fleet.base.loading import check_architecture, quiet_transformers
+    from fleet.base.loading import check_architecture
+    from fleet.base.tokenizer import quiet_transformers
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype != "auto" and dtype not in dtypes:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +10,11 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
+from fleet.base.tokenizer import load_tokenizer, quiet_transformers
 from fleet.errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -46,23 +44,6 @@ def context_window(config: Any) -> int | None:
         limits[1] = None
     known = [int(x) for x in limits if isinstance(x, int) and x > 0]
     return min(known) if known else None
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """No per-load progress bars or info logs (they would flood workers' logs)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -122,66 +103,3 @@ def load_base(
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
-
-
-# Used when a base's tokenizer has no chat template of its own: one line per turn, then the
-# assistant's cue. fleet's tiny base ships its own template (fleet.base.tokenizer.CHAT_TEMPLATE).
-SIMPLE_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-
-
-def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase:
-    """The base's tokenizer as every part of fleet uses it: local files only, a pad token (its eos
-    when it has none, as generation expects), a chat template (``SIMPLE_CHAT_TEMPLATE`` when the
-    base has none). ``stop_token_ids(tokenizer)`` gives every token that ends a turn."""
-    p = Path(path).expanduser()
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"could not load the base's tokenizer at {p}: {exc}") from None
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
-    return tokenizer
-
-
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
-    """The tokenizer's eos and the base's generation-config eos ids (Llama 3 ends a turn with
-    ``<|eot_id|>``, SmolLM2 and Qwen2 with ``<|im_end|>``): generation stops on any of them.
-    The generation config is read from the directory the tokenizer was loaded from."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    source = str(getattr(tokenizer, "name_or_path", "") or "")
-    gen_file = Path(source) / "generation_config.json"
-    if source and gen_file.is_file():
-        import json
-
-        try:
-            eos = json.loads(gen_file.read_text()).get("eos_token_id")
-        except ValueError:
-            eos = None
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, list):
-            ids.update(int(t) for t in eos if isinstance(t, int))
-    return tuple(sorted(ids))
-
-
-def chat_ids(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, add_generation_prompt: bool = True
-) -> list[int]:
-    """Token ids of a conversation through the base tokenizer's own chat template (with the
-    assistant's cue appended when ``add_generation_prompt``): how every part of fleet asks a chat."""
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
-    ids = out["input_ids"] if hasattr(out, "keys") else out
-    return [int(t) for t in ids]
-
-
-def chat_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    """A finished conversation rendered by the base's chat template, as text."""
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)

@@ -421,7 +421,7 @@ class SyntheticOrg:
     def fact_cases(self) -> list:
         """Every fact as ``fleet eval`` asks it: the held-out cloze (a wording no item uses), of the
         owner's model, with the owner's source document as the oracle context."""
-        from fleet.data.casebook import FactCase
+        from fleet.data.facts import FactCase
 
         return [
             FactCase(

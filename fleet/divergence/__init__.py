@@ -19,7 +19,7 @@ Contract (stable)::
 - Metrics (pure, no registry, no Ray): ``fleet.divergence.metrics`` (weight space from r×r Grams,
   function space from log-probs, the top-k cache and its bounds).
 - Policy (pure): ``fleet.divergence.policy`` — ``DriftMetrics``, ``DriftSample``, ``Decision``,
-  ``PolicyConfig``, ``gate``, ``decide``, ``population_stats``; the decision table is in its docstring.
+  ``DriftPolicy``, ``gate``, ``decide``, ``population_stats``; the decision table is in its docstring.
 - Operator metrics: ``fleet.divergence.telemetry`` (Ray metrics tagged by tier, base model,
   relation and action kind only; ``SPECS``, ``ALLOWED_TAGS``).
 
@@ -28,8 +28,7 @@ Names resolve lazily: ``fleet --help`` does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fleet._lazy import lazy_exports
 
 _EXPORTS = {
     "publication_gate": "fleet.divergence.monitor",
@@ -50,27 +49,12 @@ _EXPORTS = {
     "DriftMetrics": "fleet.divergence.policy",
     "DriftSample": "fleet.divergence.policy",
     "Decision": "fleet.divergence.policy",
-    "PolicyConfig": "fleet.divergence.policy",
+    "DriftPolicy": "fleet.divergence.policy",
     "decide": "fleet.divergence.policy",
     "gate": "fleet.divergence.policy",
     "population_stats": "fleet.divergence.policy",
+    "ensure_probe_set": "fleet.divergence.probes:ensure",
 }
-_ALIASES = {"ensure_probe_set": ("fleet.divergence.probes", "ensure")}
 
-__all__ = sorted([*_EXPORTS, *_ALIASES])
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    elif name in _ALIASES:
-        module, attr = _ALIASES[name]
-        value = getattr(importlib.import_module(module), attr)
-    else:
-        raise AttributeError(f"module 'fleet.divergence' has no attribute {name!r}")
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -30,7 +30,7 @@ from fleet.divergence.policy import (
     Decision,
     DriftMetrics,
     DriftSample,
-    PolicyConfig,
+    DriftPolicy,
     decide,
     population_stats,
 )
@@ -63,8 +63,8 @@ class ScanResult:
         return asdict(self)
 
 
-def policy_of(cfg) -> PolicyConfig:
-    return PolicyConfig.from_config(cfg, freeze_after=cfg.divergence.freeze_after)
+def policy_of(cfg) -> DriftPolicy:
+    return DriftPolicy.from_config(cfg, freeze_after=cfg.divergence.freeze_after)
 
 
 # ---------------------------------------------------------------------- the gate
@@ -241,15 +241,14 @@ _ENGINES: dict[tuple, Any] = {}
 def scoring_engine(fl, max_rank: int):
     """An engine over the base with room for a chunk of stacks; kept per process and reused
     (resident adapters are immutable versions, so a later scan may use them as they are)."""
-    from fleet.runtime import load_engine
+    from fleet.lora.build import build_engine
 
     div = fl.cfg.divergence
     slots = 3 * max(4 * div.batch_models, 16)
     key = (str(fl.cfg.base_path), fl.cfg.base.device, slots)
     engine = _ENGINES.get(key)
     if engine is None or engine.max_rank < max_rank:
-        rank = max(max_rank, fl.cfg.lora.rank)
-        engine, _ = load_engine(fl.cfg, max_slots=slots, max_rank=rank)
+        engine, _ = build_engine(fl.cfg, slots=slots, ranks=[max_rank])
         _ENGINES.clear()  # one base per process: drop an older engine before keeping this one
         _ENGINES[key] = engine
     return engine

@@ -116,7 +116,7 @@ class MetricStats:
 
 
 @dataclass(frozen=True)
-class PolicyConfig:
+class DriftPolicy:
     """The population rule and the strike limit (hard caps come per tier from ``DriftCaps``)."""
 
     population_sigma: float = 3.0
@@ -135,7 +135,7 @@ class PolicyConfig:
             raise ConfigError(f"min_population must be >= 2, got {self.min_population}")
 
     @classmethod
-    def from_config(cls, cfg: FleetConfig, freeze_after: int = 3) -> PolicyConfig:
+    def from_config(cls, cfg: FleetConfig, freeze_after: int = 3) -> DriftPolicy:
         div: DivergenceConfig = cfg.divergence
         return cls(
             population_sigma=div.population_sigma,
@@ -197,7 +197,7 @@ def population_stats(samples: Iterable[DriftSample]) -> dict[str, dict[str, Metr
 
 
 def population_outliers(
-    metrics: DriftMetrics, stats: Mapping[str, MetricStats], policy: PolicyConfig
+    metrics: DriftMetrics, stats: Mapping[str, MetricStats], policy: DriftPolicy
 ) -> list[str]:
     """Every metric beyond mean ± k·σ of an active population, as reasons."""
     out = []
@@ -217,7 +217,7 @@ def population_outliers(
 
 
 def _judge(
-    s: DriftSample, policy: PolicyConfig, stats: Mapping[str, MetricStats]
+    s: DriftSample, policy: DriftPolicy, stats: Mapping[str, MetricStats]
 ) -> tuple[DriftAction | None, DriftState, int, str]:
     """``(action, state after, strikes after, reason)`` for one sample: the rows of the table."""
     hard = cap_violations(s.metrics, policy.caps_for(s.tier))
@@ -249,7 +249,7 @@ def _judge(
 
 def decide(
     samples: Iterable[DriftSample],
-    policy: PolicyConfig | None = None,
+    policy: DriftPolicy | None = None,
     population: Mapping[str, Mapping[str, MetricStats]] | None = None,
 ) -> list[Decision]:
     """Decisions for every sample, following the table in the module docstring.
@@ -258,7 +258,7 @@ def decide(
     :func:`population_stats` over the tier's latest active samples); None computes them from
     ``samples`` themselves.
     """
-    policy = policy or PolicyConfig()
+    policy = policy or DriftPolicy()
     samples = list(samples)
     if population is None:
         population = population_stats(samples)

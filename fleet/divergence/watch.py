@@ -31,8 +31,7 @@ def submit_watch(
     dashboard_url: str | None = None,
 ) -> tuple[Any, str, dict[str, Any]]:
     """Submit the watch job; returns ``(client, submission id, metadata)``."""
-    from fleet._ray import ensure_ray
-    from fleet.ops.jobs import job_client, submit_job
+    from fleet._ray import ensure_ray, job_client, submit_job
 
     if every_s <= 0:
         raise ValidationError("the watch interval must be positive")
@@ -60,7 +59,7 @@ def local_cluster(cfg) -> bool:
 
 def follow(client, name: str, emit: Callable[[str], None], *, poll_s: float = 2.0) -> str:
     """Print the job's new log lines until it ends; Ctrl-C stops the job. Returns its final status."""
-    from fleet.ops.jobs import TERMINAL, job_status, wait_job
+    from fleet._ray import TERMINAL, job_status, wait_job
 
     seen = 0
     try:

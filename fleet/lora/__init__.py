@@ -55,10 +55,11 @@ Notes for callers:
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
-# Names resolve lazily (PEP 562): `fleet.lora.cli` lives in this package, and `fleet --help`
+from fleet._lazy import lazy_exports
+
+# Names resolve lazily (fleet._lazy): `fleet --help` and the serving ingress
 # must not pay for importing torch and transformers.
 _EXPORTS = {
     "DEFAULT_TARGET_MODULES": "fleet.lora.adapter",
@@ -89,14 +90,4 @@ if TYPE_CHECKING:
     from fleet.lora.generation import DecodeBatch, Generation, StepOutput, generate, prompt_logprobs
     from fleet.lora.optim import SlotAdamW
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fleet.lora' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

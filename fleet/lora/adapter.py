@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,6 +266,45 @@ class AdapterWeights:
         targets = sorted({t for lv in levels for t in lv.target_modules})
         base = next((lv.base_model_name_or_path for lv in levels if lv.base_model_name_or_path), None)
         return AdapterWeights(rank, float(rank), False, targets, tensors, base)
+
+
+def check_fits(
+    weights: AdapterWeights,
+    shapes: Mapping[str, tuple[int, int]],
+    *,
+    unknown: Callable[[str], Exception] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The adapter's ``(A, B)`` per module after checking that it fits a base whose adaptable
+    modules are ``shapes`` (``path -> (d_in, d_out)``): every module it adapts exists there
+    with its shape, and every module its ``target_modules`` names has tensors. ``unknown(path)``
+    builds the error for a module the base lacks. The engine, the serving replica and
+    ``fleet adapters import`` all refuse an adapter through this one check."""
+    modules = weights.modules()
+    for name in modules:
+        if name not in shapes:
+            raise (unknown or _not_in_base)(name)
+    expected = {n for n in shapes if n.rsplit(".", 1)[-1] in weights.target_modules}
+    missing = sorted(expected - set(modules))
+    if missing:
+        raise UnsupportedAdapterError(
+            f"unsupported adapter: target_modules names {missing[0]} but it has no tensors for it "
+            f"({len(missing)} module(s) missing); was it trained on a different base?"
+        )
+    for name, (A, B) in modules.items():
+        d_in, d_out = shapes[name]
+        if A.shape[1] != d_in or B.shape[0] != d_out:
+            raise UnsupportedAdapterError(
+                f"unsupported adapter: {name} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} but the "
+                f"base layer is {d_in}→{d_out}; the adapter belongs to a different base model"
+            )
+    return modules
+
+
+def _not_in_base(name: str) -> UnsupportedAdapterError:
+    return UnsupportedAdapterError(
+        f"unsupported adapter: it adapts {name}, which the base model does not have; "
+        "the adapter belongs to a different base model"
+    )
 
 
 def linear_modules(model: nn.Module, target_modules: Iterable[str]) -> list[tuple[str, int, int]]:

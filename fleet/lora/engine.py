@@ -18,7 +18,7 @@ from torch import nn
 
 from fleet.errors import CapacityError, NotFoundError, UnsupportedAdapterError, ValidationError
 from fleet.lora._layer import Router, RowPlan, SlotLinear
-from fleet.lora.adapter import DEFAULT_TARGET_MODULES, PEFT_PREFIX, AdapterWeights, linear_modules
+from fleet.lora.adapter import DEFAULT_TARGET_MODULES, PEFT_PREFIX, AdapterWeights, check_fits, linear_modules
 
 
 @dataclass
@@ -268,25 +268,8 @@ class LoraEngine:
                 f"adapter rank {weights.rank} exceeds this engine's max_rank {self.max_rank}; "
                 "build the engine with a larger max_rank or use a lower-rank adapter"
             )
-        modules = weights.modules()
-        for name in modules:
-            if name not in self._layers:
-                raise self._foreign_module(name)
-        expected = {n for n in self._layers if n.rsplit(".", 1)[-1] in weights.target_modules}
-        missing = sorted(expected - set(modules))
-        if missing:
-            raise UnsupportedAdapterError(
-                f"unsupported adapter: target_modules names {missing[0]} but it has no tensors for it "
-                f"({len(missing)} module(s) missing); was it trained on a different base?"
-            )
-        for name, (A, B) in modules.items():
-            layer = self._layers[name]
-            if A.shape[1] != layer.d_in or B.shape[0] != layer.d_out:
-                raise UnsupportedAdapterError(
-                    f"unsupported adapter: {name} has lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} but the "
-                    f"base layer is {layer.d_in}→{layer.d_out}; the adapter belongs to a different base model"
-                )
-        return modules
+        shapes = {name: (layer.d_in, layer.d_out) for name, layer in self._layers.items()}
+        return check_fits(weights, shapes, unknown=self._foreign_module)
 
     def _foreign_module(self, name: str) -> UnsupportedAdapterError:
         try:

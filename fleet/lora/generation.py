@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from fleet.base.loading import context_window, stop_token_ids
+from fleet.base.loading import context_window
+from fleet.base.tokenizer import stop_token_ids
 from fleet.errors import ValidationError
 from fleet.lora._layer import RowPlan
 from fleet.lora._llama import KVCache, check_supported, decode_step, prefill

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fleet.errors import NotFoundError, ValidationError
-from fleet.lora.adapter import AdapterWeights, linear_modules
+from fleet.errors import NotFoundError, UnsupportedAdapterError, ValidationError
+from fleet.lora.adapter import AdapterWeights, check_fits, linear_modules
 from fleet.registry import PublishRequest, VersionRecord
 from fleet.types import validate_id
 
@@ -28,15 +28,13 @@ def check_fits_base(cfg, weights: AdapterWeights) -> None:
     shapes = {
         name: (d_in, d_out) for name, d_in, d_out in linear_modules(_meta_model(cfg), weights.target_modules)
     }
-    for name, (a, b) in weights.modules().items():
-        if name not in shapes:
-            raise ValidationError(
-                f"the adapter adapts {name}, which the base model {cfg.base.name!r} does not have"
-            )
-        if (a.shape[1], b.shape[0]) != shapes[name]:
-            raise ValidationError(
-                f"the adapter's {name} is {a.shape[1]}→{b.shape[0]} but the base's is {shapes[name][0]}→{shapes[name][1]}"
-            )
+    check_fits(
+        weights,
+        shapes,
+        unknown=lambda name: UnsupportedAdapterError(
+            f"the adapter adapts {name}, which the base model {cfg.base.name!r} does not have"
+        ),
+    )
 
 
 def import_peft(fl, model_id: str, peft_dir: str) -> tuple[VersionRecord, bool]:
@@ -106,14 +104,12 @@ def generate_for(
 ) -> dict[str, Any]:
     """One completion by the same engine that serves, with prompt log-probabilities."""
     from fleet.lora import generate, prompt_logprobs
-    from fleet.runtime import StackSlots, load_engine
+    from fleet.lora.build import StackSlots, build_engine
 
     if not prompt:
         raise ValidationError("--prompt must not be empty")
     st = fl.registry.active_stack(model_id)
-    engine, tok = load_engine(
-        fl.cfg, max_slots=max(1, len(st.entries)), max_rank=max([e.rank for e in st.entries] + [8])
-    )
+    engine, tok = build_engine(fl.cfg, slots=len(st.entries), ranks=[e.rank for e in st.entries])
     row = StackSlots(engine, fl.store).row(st)
     ids = tok(prompt)["input_ids"]
     (g,) = generate(engine, tok, [ids], [row], max_new_tokens=max_tokens, temperature=temperature, seed=0)

@@ -48,8 +48,8 @@ def run_loop(
     max_cycles: int | None = None,
 ) -> list[dict]:
     """Plan and submit each cycle as the Ray job ``fleet-cycle-<n>``, wait for it, repeat."""
-    from fleet._ray import ensure_ray
-    from fleet.ops.jobs import job_client, submit_cycle
+    from fleet._ray import ensure_ray, job_client
+    from fleet.ops.cycle import submit_cycle
 
     url = ensure_ray(fl.cfg, dashboard=True)
     if url:
@@ -98,7 +98,7 @@ def _follow_cycle(fl, client, cycle_id: int, name: str, meta: dict, console: Con
         TimeElapsedColumn,
     )
 
-    from fleet.ops.jobs import wait_job
+    from fleet._ray import wait_job
 
     columns = (
         SpinnerColumn(),

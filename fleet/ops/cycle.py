@@ -62,17 +62,12 @@ def _close_runs(reg, cycle_id: int) -> None:
 
 def plan_cycle(fl, *, now: float | None = None, inventory=None):
     """The scheduler's plan for this moment, and the aging counters it implies (persisted)."""
-    from fleet.scheduler.cli import base_specs, inventory_for
-    from fleet.scheduler.demand import load_demand
-    from fleet.scheduler.policy import PolicyConfig, advance_waiting, plan
+    from fleet.scheduler import advance_waiting, load_demand, plan_for
 
     cfg = fl.cfg
     now = time.time() if now is None else now
     demand = load_demand(cfg, fl.registry, now=now)
-    inventory = inventory if inventory is not None else inventory_for(cfg)
-    result = plan(
-        demand, inventory, PolicyConfig.from_fleet_config(cfg, bases=base_specs(cfg, demand.base_names)), now
-    )
+    result = plan_for(cfg, demand, inventory=inventory, now=now)
     _telemetry(lambda t: (t.record_plan(demand, result), t.record_fairness(fl.registry, cfg, now)))
     if result.arrays is not None and demand.n_models:
         new = advance_waiting(demand.waiting_cycles, result.arrays.reason)
@@ -250,3 +245,44 @@ def run_cycle(
     return execute_cycle(
         fl, cycle_id, console=console, steps=steps, gates=gates, after_training=after_training
     )
+
+
+# ------------------------------------------------------------- cycles as Ray jobs
+def reap_ended_cycles(fl, client) -> list[int]:
+    """Close running cycles whose job has already ended (stopped, killed) without recording it,
+    so that the next cycle need not wait for their heartbeat to go stale."""
+    from fleet._ray import TERMINAL, job_status
+
+    closed = []
+    for c in fl.registry.list_cycles(limit=20):
+        if c["status"] != "running":
+            continue
+        try:
+            status = job_status(client, f"fleet-cycle-{c['id']}")
+        except Exception:  # noqa: BLE001 - not a job (an in-process cycle), or not submitted yet
+            continue
+        if status in TERMINAL:
+            mark_interrupted(fl.registry, c)
+            closed.append(c["id"])
+    return closed
+
+
+def submit_cycle(fl, client, *, config_path: str | None, steps: int | None = None) -> tuple[int, str, dict]:
+    """Plan a cycle here, then submit its execution as the job ``fleet-cycle-<n>``."""
+    from fleet._ray import submit_job
+
+    reap_ended_cycles(fl, client)
+    cycle_id, result = prepare_cycle(fl)
+    packs = result.packs
+    members = sum(len(p.members) for p in packs)
+    name = f"fleet-cycle-{cycle_id}"
+    args = ["cycle", "--cycle-id", str(cycle_id)] + (["--steps", str(steps)] if steps else [])
+    meta = {"cycle_id": cycle_id, "packs": len(packs), "models": members, "fleet": "cycle"}
+    try:
+        submit_job(client, fl.cfg, name=name, args=args, metadata=meta, config_path=config_path)
+    except Exception as exc:
+        # Nothing will run it: close the cycle now rather than leave it "running" until it goes stale.
+        summary = {**(fl.registry.get_cycle(cycle_id)["summary"] or {}), "error": f"not submitted: {exc}"}
+        fl.registry.finish_cycle(cycle_id, RunStatus.FAILED, summary)
+        raise
+    return cycle_id, name, meta

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from fleet.data.casebook import FactCase, read_facts_jsonl
+from fleet.data.facts import FactCase, read_facts_jsonl
 from fleet.errors import ValidationError
 from fleet.train.augment import with_context
 from fleet.types import lineage
@@ -169,10 +169,11 @@ def evaluate(
     progress=None,
 ) -> dict[str, Any]:
     """Everything the module docstring lists, for ``models`` sampled askers (all when None)."""
-    from fleet.base.loading import chat_ids, context_window
+    from fleet.base.loading import context_window
+    from fleet.base.tokenizer import chat_ids
     from fleet.data.corpus import CORPUS_NAME, GENERAL_INSTRUCTIONS, general_passages
     from fleet.lora import generate
-    from fleet.runtime import StackSlots, load_engine
+    from fleet.lora.build import StackSlots, build_engine
 
     known = {m.id for m in fl.registry.list_models()}
     askers = sorted({f.model for f in facts if f.model in known})
@@ -196,10 +197,8 @@ def evaluate(
     stack_models = sorted(set(askers) | {a.model for _, a in leak_asks})
     stacks = fl.registry.active_stacks(stack_models)
     n_adapters = len({e.key for s in stacks.values() for e in s.entries})
-    engine, tok = load_engine(
-        fl.cfg,
-        max_slots=n_adapters + 1,
-        max_rank=max([e.rank for s in stacks.values() for e in s.entries] + [8]),
+    engine, tok = build_engine(
+        fl.cfg, slots=n_adapters + 1, ranks=[e.rank for s in stacks.values() for e in s.entries]
     )
     slots = StackSlots(engine, fl.store)
     row = {m: slots.row(stacks[m]) for m in stack_models}
@@ -414,7 +413,7 @@ def _nll(engine, enc: list[list[int]], row: list[int]) -> float:
 @torch.no_grad()
 def _instructions(engine, tok, instructions, rows: list[list[int]], base_row, max_new: int) -> dict[str, Any]:
     """KL(base ‖ stack) on the base's own answers, and the base's correct answers each stack keeps."""
-    from fleet.base.loading import chat_ids
+    from fleet.base.tokenizer import chat_ids
     from fleet.lora import generate
 
     prompts = [chat_ids(tok, [{"role": "user", "content": i.prompt}]) for i in instructions]

@@ -112,8 +112,8 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from fleet._ray import ensure_ray
-    from fleet.train.launch import _storage, resources_of
+    from fleet._ray import ensure_ray, train_storage
+    from fleet.train.launch import resources_of
     from fleet.train.pack import build_pack
 
     if tier not in TIERS:
@@ -142,7 +142,7 @@ def run_sweep(
         fl, chosen, cycle_id=0, index=0, steps=steps, from_scratch=True, name=f"sweep-{tier}-{sweep_id}"
     )
     ensure_ray(cfg)
-    storage_path, storage_fs = _storage(cfg)
+    storage_path, storage_fs = train_storage(cfg)
     if storage_fs is not None:
         raise ValidationError("sweeps keep their trials on a local train.storage_path for now")
     res, use_gpu = resources_of(pack, cfg)

@@ -9,6 +9,8 @@ The contract:
 - ``Inventory`` / ``slice_type`` / ``resources_for_slice`` (what a pack's Ray worker asks
   for); ``inventory_from_ray`` in ``fleet.scheduler.ray_inventory`` (imports Ray lazily);
 - ``Plan`` / ``Pack`` (``Plan.to_json`` / ``Plan.from_json``: the ``--pack-file`` format);
+- ``plan_for(cfg, demand)``: that policy as the fleet config sets it (``inventory_for``: the
+  configured slices or the live cluster's; ``base_specs``: the bases' memory footprints);
 - ``PolicyConfig``, ``BaseSpec`` (memory model), ``advance_waiting`` and ``decay`` (what a
   cycle does after a plan);
 - ``simulate`` / ``SimConfig`` / ``SimReport``: the fleet simulator.
@@ -25,6 +27,7 @@ from fleet.scheduler.inventory import (
     synthetic_inventory,
 )
 from fleet.scheduler.memory import BaseSpec
+from fleet.scheduler.planning import base_specs, inventory_for, plan_for
 from fleet.scheduler.policy import PolicyConfig, advance_waiting, decay, plan
 from fleet.scheduler.result import REASONS, Pack, Plan
 from fleet.scheduler.simulate import SimConfig, SimReport, simulate
@@ -43,10 +46,13 @@ __all__ = [
     "SliceGroup",
     "SliceType",
     "advance_waiting",
+    "base_specs",
     "decay",
+    "inventory_for",
     "load_demand",
     "plan",
     "plan_fifo",
+    "plan_for",
     "plan_round_robin",
     "resources_for_slice",
     "simulate",

@@ -25,8 +25,9 @@ Contract (stable):
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from fleet._lazy import lazy_exports
 
 _EXPORTS = {
     "build": "fleet.serve.app",
@@ -68,11 +69,4 @@ if TYPE_CHECKING:
     from fleet.serve.tenancy import RateLimiter, Tenancy
     from fleet.serve.text import TextStream
 
-
-def __getattr__(name: str):
-    # Lazy (PEP 562): `fleet --help` imports fleet.serve.cli and must not pay for Ray and torch.
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'fleet.serve' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet.base.loading import stop_token_ids
+from fleet.base.tokenizer import stop_token_ids
 from fleet.errors import FleetError, OverloadedError, RateLimitError, UnavailableError, ValidationError
 from fleet.lora import DecodeBatch, Generation, prompt_logprobs
 

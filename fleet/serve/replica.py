@@ -324,11 +324,7 @@ class ModelServer:
                 f"adapter {entry.key} has rank {weights.rank}; this deployment's engine holds ranks up to "
                 f"{self.engine.max_rank} (lora.rank / tiers.*.schedule.rank)"
             )
-        layers = self.engine.layers
-        for name, (A, B) in weights.modules().items():
-            layer = layers.get(name)
-            if layer is None or A.shape[1] != layer.d_in or B.shape[0] != layer.d_out:
-                raise UnsupportedAdapterError(f"adapter {entry.key} does not fit this base at {name}")
+        self.engine.check(weights)
         return weights
 
     def _previous(self, entry: StackEntry) -> list[StackEntry]:

@@ -14,12 +14,6 @@ from typing import Any
 from fleet.config import FleetConfig
 from fleet.errors import ConfigError, ValidationError
 
-# Used when a base's tokenizer has no chat template of its own: one line per turn, then the
-# assistant's cue. fleet's tiny base ships its own template (fleet.base.tokenizer.CHAT_TEMPLATE).
-SIMPLE_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 # Larger "model_max_length" values are transformers' placeholder for "unknown".
 _NO_LIMIT = 1_000_000
 
@@ -36,12 +30,10 @@ def base_dir(cfg: FleetConfig) -> Path:
 
 
 def load_tokenizer(cfg: FleetConfig) -> Any:
-    from transformers import AutoTokenizer
+    """The base's tokenizer (``fleet.base.tokenizer.load_tokenizer``: no torch, for the ingress)."""
+    from fleet.base.tokenizer import load_tokenizer as load
 
-    tok = AutoTokenizer.from_pretrained(str(base_dir(cfg)), local_files_only=True)
-    if not getattr(tok, "chat_template", None):
-        tok.chat_template = SIMPLE_CHAT_TEMPLATE
-    return tok
+    return load(base_dir(cfg))
 
 
 def context_limit(cfg: FleetConfig, tokenizer: Any) -> int:
@@ -52,39 +44,6 @@ def context_limit(cfg: FleetConfig, tokenizer: Any) -> int:
     if tok_max < _NO_LIMIT:
         limits.append(tok_max)
     return min(limits)
-
-
-def max_rank(cfg: FleetConfig) -> int:
-    """The largest adapter rank the config can produce (the engine's pools are sized by it)."""
-    ranks = [cfg.lora.rank] + [t.schedule.rank for t in cfg.tiers.values() if t.schedule.rank]
-    return max(ranks)
-
-
-def load_base_model(cfg: FleetConfig) -> tuple[Any, Any]:
-    """(model, tokenizer): the base in eval mode on the configured device and dtype."""
-    import torch
-
-    path = base_dir(cfg)
-    try:  # fleet.base owns loading (local files only, device and dtype resolution)
-        from fleet.base.loading import load_base, resolve_device, resolve_dtype
-    except ImportError:  # a build without fleet.base's loader: plain transformers, same rules
-        from transformers import AutoModelForCausalLM
-
-        device = cfg.base.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        name = cfg.base.dtype
-        if name == "auto":
-            name = "bfloat16" if str(device).startswith("cuda") else "float32"
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=getattr(torch, name), local_files_only=True
-        )
-        return model.to(device).eval(), load_tokenizer(cfg)
-    device = resolve_device(cfg.base.device)
-    model, tokenizer = load_base(path, device=device, dtype=resolve_dtype(cfg.base.dtype, device))
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
-    return model, tokenizer
 
 
 @dataclass
@@ -101,15 +60,11 @@ class ServingRuntime:
 
 
 def build_runtime(cfg: FleetConfig, *, slots: int | None = None) -> ServingRuntime:
-    from fleet.lora import LoraEngine
+    """The base (which must exist: a replica never builds one) in a LoRA engine with
+    ``serve.adapter_slots`` slots (``fleet.lora.build``), its tokenizer and context limit."""
+    from fleet.lora.build import build_engine
 
-    model, tokenizer = load_base_model(cfg)
-    engine = LoraEngine(
-        model,
-        target_modules=cfg.lora.target_modules,
-        max_slots=slots or cfg.serve.adapter_slots,
-        max_rank=max_rank(cfg),
-    )
+    engine, tokenizer = build_engine(cfg, slots=slots or cfg.serve.adapter_slots, path=base_dir(cfg))
     return ServingRuntime(engine, tokenizer, context_limit(cfg, tokenizer))
 
 

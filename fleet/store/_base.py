@@ -64,7 +64,8 @@ def version_digest(config: bytes, weights: bytes) -> str:
     return sha256_hex(listing.encode())
 
 
-def version_key(model_id: str, version: int) -> str:
+def version_dir(model_id: str, version: int) -> str:
+    """The store prefix of a version's files: ``acme/search/v3``."""
     validate_id(model_id)
     if not isinstance(version, int) or version < 1:
         raise ValidationError(f"version must be a positive integer, got {version!r}")
@@ -97,7 +98,7 @@ class AdapterStore(ABC):
 
     def commit(self, staged: Staged, version: int) -> str:
         """Move a staged version to ``<model>/v<n>/`` and return its URI (called by the registry)."""
-        final = version_key(staged.model_id, version)
+        final = version_dir(staged.model_id, version)
         self._move_dir(f".staging/{staged.token}", final)
         return self.uri_of(final)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fleet.base.loading import chat_ids
+from fleet.base.tokenizer import chat_ids
 from fleet.registry import SnapshotItem
 
 RECIPE = "qa-v1"

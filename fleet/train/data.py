@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from fleet.base.loading import chat_ids
+from fleet.base.tokenizer import chat_ids
 from fleet.registry import SnapshotItem
 from fleet.train.augment import shuffle_split
 

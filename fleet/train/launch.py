@@ -132,24 +132,6 @@ def _fit(
     return out
 
 
-def _storage(cfg) -> tuple[str, Any]:
-    """Ray Train's storage path and filesystem: a local path, or S3 with the store's endpoint."""
-    path = cfg.runs_path
-    if path.startswith("s3://") and cfg.store.endpoint_url:
-        from urllib.parse import urlparse
-
-        import pyarrow.fs
-
-        ep = urlparse(cfg.store.endpoint_url)
-        fs = pyarrow.fs.S3FileSystem(
-            endpoint_override=ep.netloc, scheme=ep.scheme or "https", region=cfg.store.region
-        )
-        return path[len("s3://") :], fs
-    if "://" not in path:
-        Path(path).mkdir(parents=True, exist_ok=True)
-    return path, None
-
-
 def resources_of(pack: PackSpec, cfg) -> tuple[dict[str, float], bool]:
     """What the pack's worker asks for: its slice's resources, or CPUs where no slice is named."""
     res = dict(pack.resources) or {"CPU": cfg.train.cpus_per_worker}
@@ -175,14 +157,14 @@ def run_packs(
     """
     import ray
 
-    from fleet._ray import ensure_ray
+    from fleet._ray import ensure_ray, train_storage
 
     cfg = fl.cfg
     ensure_ray(cfg)
     start_timeout_s = cfg.train.start_timeout_s if start_timeout_s is None else start_timeout_s
     _reclaim(console)
     board = _progress_board().remote()
-    storage_path, storage_fs = _storage(cfg)
+    storage_path, storage_fs = train_storage(cfg)
     fit = ray.remote(num_cpus=0, max_retries=0)(_fit)
     gates = [heldout_gate(cfg.train.min_heldout_improvement), *gates]
     running: dict[Any, tuple[PackSpec, int, float, dict]] = {}

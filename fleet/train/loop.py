@@ -68,9 +68,9 @@ def run_pack(
 ) -> None:
     """Train one pack. ``report(metrics, state, final)`` receives checkpoints (state set) and the
     end (final set); ``state`` resumes a checkpoint. No Ray here: tests call it directly."""
-    from fleet.base import load_base, resolve_dtype
-    from fleet.context import Fleet
-    from fleet.lora import AdapterWeights, LoraEngine, SlotAdamW
+    from fleet.handles import Fleet
+    from fleet.lora import AdapterWeights, SlotAdamW
+    from fleet.lora.build import build_engine
 
     kl_lambda = cfg.sweep.kl_lambda if kl_lambda is None else float(kl_lambda)
     t_setup = time.perf_counter()
@@ -81,16 +81,17 @@ def run_pack(
     keys = [m.train_key for m in members]
 
     # -- the base, once; then every adapter the pack needs, in slots ---------------------------
-    model, tokenizer = load_base(cfg.base_path, device=device, dtype=resolve_dtype(cfg.base.dtype, device))
     ancestors: dict[str, AdapterRef] = {a.key: a for m in members for a in m.ancestors}
     read = lambda ref: AdapterWeights.from_bytes(*_files(fl.store, ref))  # noqa: E731
     frozen = {key: read(ref) for key, ref in ancestors.items()}
-    engine = LoraEngine(
-        model,
-        target_modules=cfg.lora.target_modules,
-        max_slots=len(members) + len(frozen),
-        max_rank=max([m.rank for m in members] + [w.rank for w in frozen.values()]),
+    engine, tokenizer = build_engine(
+        cfg,
+        slots=len(members) + len(frozen),
+        ranks=[m.rank for m in members] + [w.rank for w in frozen.values()],
+        device=device,
+        path=cfg.base_path,
     )
+    model = engine.model
     for key, w in frozen.items():
         engine.load(key, w, trainable=False)  # ancestors are frozen: the hierarchy stays stratified
 

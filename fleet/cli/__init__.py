@@ -1,34 +1,23 @@
 """``fleet``: the operator's command line.
 
-Each subsystem contributes its commands from ``fleet/<subsystem>/cli.py`` through a
-``register(app)`` function; this module owns the entry point, the global
-``--config`` option and the mapping of errors to exit codes (2: bad input or
-unknown model, 3: a backing service or integrity failure, 4: not built).
+One module per command group (``fleet/cli/<group>.py``, each a module-level Typer app whose
+commands parse their arguments, call a package's contract and print); this module merges them
+into one ``fleet`` app and owns the entry point, the global ``--config`` option and the mapping
+of errors to exit codes (2: bad input or unknown model, 3: a backing service or integrity
+failure, 4: not built). Command modules import torch, Ray and the registry only inside their
+commands, so ``fleet --help`` stays quick.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 
 import typer
 
-from fleet import _cli_common as common
+from fleet.cli import _common as common
+from fleet.cli import core, deploy, divergence, lora, ops, scheduler, serve, store, train
 from fleet.errors import FleetError
-
-# Subsystems that add commands, in the order `fleet --help` lists them.
-_COMMAND_MODULES = (
-    "fleet.core_cli",
-    "fleet.store.cli",
-    "fleet.lora.cli",
-    "fleet.train.cli",
-    "fleet.scheduler.cli",
-    "fleet.serve.cli",
-    "fleet.divergence.cli",
-    "fleet.ops_cli",
-    "fleet.deploy.cli",
-)
 
 app = typer.Typer(
     name="fleet",
@@ -49,12 +38,9 @@ def _main(
     common.set_config_path(config)
 
 
-for _name in _COMMAND_MODULES:
-    try:
-        importlib.import_module(_name).register(app)
-    except ModuleNotFoundError as exc:  # a subsystem package not present in this build
-        if exc.name != _name:
-            raise
+# Command groups, in the order `fleet --help` lists them.
+for _group in (core, store, lora, train, scheduler, serve, divergence, ops, deploy):
+    app.add_typer(_group.app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ class Fleet:
     @cached_property
     def tokenizer(self):
         from fleet.base import ensure_base
-        from fleet.base.loading import load_tokenizer
+        from fleet.base.tokenizer import load_tokenizer
 
         return load_tokenizer(ensure_base(self.cfg))
 
@@ -37,7 +37,7 @@ class Fleet:
         return self.cfg.base.name
 
     def ingestor(self) -> Ingestor:
-        from fleet.base.loading import chat_text
+        from fleet.base.tokenizer import chat_text
 
         return Ingestor(
             self.registry,

@@ -1,6 +1,6 @@
 """Shared pieces of fleet's command line: the loaded config, the console, error exits.
 
-Subsystem command modules (``fleet/<subsystem>/cli.py``) import only this and
+Command modules (``fleet/cli/<group>.py``) import only this and
 typer at module level; heavy imports (torch, ray) happen inside the commands so
 that ``fleet --help`` stays fast.
 """
@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from fleet.config import FleetConfig, load_config
+from fleet.errors import ValidationError
 
 # Markup off: ids, questions, completions, file names and error messages are printed as they are
 # (a "[/]" in them never crashes the CLI, and "[a-z0-9]" in an id rule never vanishes). fleet's own
@@ -54,3 +55,16 @@ def not_built(what: str) -> None:
     from fleet.errors import NotBuiltError
 
     raise NotBuiltError(f"{what} is not built in this release of fleet yet")
+
+
+def parse_interval(text: str) -> float:
+    """'90s', '10m', '1h', '2d' or plain seconds → seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = (text or "").strip().lower()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except (ValueError, KeyError):
+        raise ValidationError(f"interval {text!r}: use a number with s, m, h or d (e.g. 10m)") from None
+    if value <= 0:
+        raise ValidationError(f"interval {text!r} must be positive")
+    return value
