@@ -110,7 +110,7 @@ def train(fl, world) -> None:
     """The organisation's tenants and items, then two cycles as `fleet cycle` runs them here (plan,
     packed training, drift gate, publication, scan: the path of `fleet run`'s jobs, without a job
     per cycle), the later documents (updates) ingested between them."""
-    from fleet.ops.control import cycle_once
+    from fleet.ops.cycle import cycle_once
 
     for t, shares in sorted(world.tenants, key=lambda t: t[0].count("/")):
         fl.add_tenant(t, shares=shares)

@@ -190,7 +190,7 @@ def run_demo(
         fl.close()
         return out
 
-    from fleet.ops.control import run_loop
+    from fleet.ops.cycle import run_loop
 
     _rule(console, "4 · cycle: schedule → packed training → drift scan → promotion (a Ray job)", t0)
     out["cycles"] = run_loop(fl, every_s=None, once=True, config_path=None, console=console)

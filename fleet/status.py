@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fleet.types import TIERS
+from fleet.types import TIERS, RunStatus
 
 
 def collect_status(fl, *, serving: bool = True) -> dict[str, Any]:
@@ -118,7 +118,9 @@ def _cycle_problems(reg, cycle: dict[str, Any]) -> list[str]:
     out = [summary["error"]] if summary.get("error") else []
     if summary.get("interrupted"):
         out.append("interrupted: its job ended mid-way; the next cycle plans what it left pending")
-    out += [f"{r.name}: {r.error}" for r in reg.list_runs(cycle_id=cycle["id"]) if r.status == "failed"]
+    out += [
+        f"{r.name}: {r.error}" for r in reg.list_runs(cycle_id=cycle["id"]) if r.status == RunStatus.FAILED
+    ]
     return out
 
 

@@ -62,6 +62,12 @@ class AdapterState(StrEnum):
     def can_become_active(self) -> bool:
         return self in (AdapterState.CANDIDATE, AdapterState.RETIRED)
 
+    @property
+    def can_stand_in(self) -> bool:
+        """A version that has served (active, or retired and not rolled back) may serve again in
+        place of a newer one that cannot be read."""
+        return self in (AdapterState.ACTIVE, AdapterState.RETIRED)
+
 
 class ContextKind(StrEnum):
     DOCUMENT = "document"

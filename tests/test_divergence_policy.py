@@ -10,9 +10,9 @@ from fleet.config import DriftCaps, FleetConfig
 from fleet.divergence.policy import (
     Decision,
     DriftMetrics,
+    DriftPolicy,
     DriftSample,
     MetricStats,
-    DriftPolicy,
     decide,
     gate,
     population_stats,

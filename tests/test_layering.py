@@ -2,7 +2,7 @@
 ``TYPE_CHECKING`` ones included), so that a change that breaks it fails the build:
 
 - no import cycle between modules, nor between fleet's packages;
-- the layers: core (errors, types, config and fleet-wide helpers) ← foundation (registry,
+- the layers: core (errors, types, config, the GPU catalogue and fleet-wide helpers) ← foundation (registry,
   store, data, base, lora, handles) ← subsystems (scheduler, train, serve, divergence, deploy:
   none imports another) ← ops ← demo ← cli;
 - no module imports an underscore name (a ``_module`` or a ``_name``) of another package;
@@ -22,8 +22,25 @@ from pathlib import Path
 import pytest
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("fleet", "fleet.errors", "fleet.types", "fleet.config", "fleet._lazy", "fleet._metrics", "fleet._ray"),
-    ("fleet.registry", "fleet.store", "fleet.data", "fleet.base", "fleet.lora", "fleet.handles", "fleet.status"),
+    (
+        "fleet",
+        "fleet.errors",
+        "fleet.types",
+        "fleet.config",
+        "fleet.gpus",
+        "fleet._lazy",
+        "fleet._metrics",
+        "fleet._ray",
+    ),
+    (
+        "fleet.registry",
+        "fleet.store",
+        "fleet.data",
+        "fleet.base",
+        "fleet.lora",
+        "fleet.handles",
+        "fleet.status",
+    ),
     ("fleet.scheduler", "fleet.train", "fleet.serve", "fleet.divergence", "fleet.deploy"),
     ("fleet.ops",),
     ("fleet.demo",),

@@ -61,6 +61,36 @@ def test_schedule_json_is_the_pack_file_format(cfg, capsys):
     assert back.unscheduled["initech/ops/x"] == "frozen"
 
 
+def test_fleet_train_reads_the_pack_file_as_training_orders(cfg, capsys, tmp_path):
+    from fleet.errors import ValidationError
+    from fleet.ops.cycle import read_plan_file, stored_orders
+    from fleet.train.runner import PackOrder
+
+    plan = plan_and_show(cfg, demand(), json_out=True, inventory=inventory_for(cfg), now=42.0)
+    path = tmp_path / "plan.json"
+    path.write_text(capsys.readouterr().out)
+    orders = read_plan_file(path)
+    assert [o.members for o in orders] == [tuple(p.members) for p in plan.packs]
+    assert all(o.slice_profile and len(o.token_budgets) == len(o.members) for o in orders)
+    # what a cycle stores comes back the same, both ways it is written
+    assert stored_orders(plan.to_dict(include_unscheduled=False)) == orders
+    assert stored_orders({"packs": [o.to_dict() for o in orders]}) == orders
+    assert PackOrder.from_dict({"members": ["acme/a"]}) == PackOrder(("acme/a",))
+    for bad, why in [
+        ('{"packs": []}', "not a fleet plan"),
+        ("[1, 2", "not valid JSON"),
+    ]:
+        path.write_text(bad)
+        with pytest.raises(ValidationError, match=why):
+            read_plan_file(path)
+    with pytest.raises(ValidationError, match="no such plan file"):
+        read_plan_file(tmp_path / "missing.json")
+    with pytest.raises(ValidationError, match="'members' must be a list"):
+        PackOrder.from_dict({"members": "acme/a"})
+    with pytest.raises(ValidationError, match="2 members has 1 token budgets"):
+        PackOrder(("acme/a", "acme/b"), (10,))
+
+
 def test_base_specs_reads_the_base_config(cfg):
     specs = base_specs(cfg, ["default"])
     assert specs["default"].name == "default"  # no base on disk: the tiny base's shape

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -22,6 +22,7 @@ from fleet.lora import generate
 from fleet.serve import protocol as p
 from fleet.serve.batcher import Done, Job, Token
 from fleet.serve.cache import Lease
+from fleet.serve.messages import ReplicaRequest, StreamDelta, StreamEnd, StreamStart
 from fleet.serve.replica import ModelServer
 from fleet.serve.runtime import build_runtime, encode_prompt
 from fleet.serve.sample import publish_random
@@ -317,22 +318,19 @@ def test_the_server_answers_with_the_stack_that_actually_served(tmp_path):
     shutil.rmtree(world.object_path("acme/ops/kim", 1).parent)
     server = ModelServer(world.args())
     tok = server.tokenizer
-    req = {
-        "entries": [e.__dict__ for e in stack_entries(world, "acme/ops/kim")],
-        "prompt_ids": encode_prompt(tok, "Hi"),
-        "max_tokens": 6,
-    }
+    req = ReplicaRequest.of(stack_entries(world, "acme/ops/kim"), encode_prompt(tok, "Hi"), 6)
 
     async def go():
         return await server.generate(req), [c async for c in server.stream(req)]
 
     out, chunks = run(go())
-    assert out["served_by"] == "acme@v1" and out["fallbacks"] == 1
-    assert chunks[0] == {"type": "start", "served_by": "acme@v1", "fallbacks": 1}
-    assert "".join(c["text"] for c in chunks[1:]) == out["text"]
+    assert out.served_by == "acme@v1" and out.fallbacks == 1
+    assert chunks[0] == StreamStart("acme@v1", 1)
+    assert isinstance(chunks[-1], StreamEnd) and all(isinstance(c, StreamDelta) for c in chunks[1:-1])
+    assert "".join(c.text for c in chunks[1:]) == out.text
     ref = ModelServer(world.args())  # the company's adapter alone
-    solo = run(ref.generate({**req, "entries": [e.__dict__ for e in stack_entries(world, "acme")]}))
-    assert solo["text"] == out["text"]
+    solo = run(ref.generate(replace(req, entries=tuple(stack_entries(world, "acme")))))
+    assert solo.text == out.text
 
 
 # ---------------------------------------------------------------------- tenancy and protocol
@@ -442,39 +440,37 @@ def test_a_stream_resumed_from_any_point_finishes_exactly_like_the_original(serv
     """What the ingress does when a replica dies mid-stream: resume from the tokens and text sent so far."""
     tok = server.tokenizer
     server.stream_messages_per_s = 1e9  # a delta per token: a resume point after each
-    base_req = {
-        "entries": [e.__dict__ for e in stack_entries(world, "acme/search/dana")],
-        "prompt_ids": encode_prompt(tok, "Resume me"),
-        "max_tokens": 24,
-    }
+    base_req = ReplicaRequest.of(
+        stack_entries(world, "acme/search/dana"), encode_prompt(tok, "Resume me"), 24
+    )
 
     async def chunks(req):
         return [c async for c in server.stream(req)]
 
     async def go():
         plain = await chunks(base_req)
-        text = "".join(c["text"] for c in plain[1:])
+        text = "".join(c.text for c in plain[1:])
         # A stop string from the middle of the completion: resumes land before, inside and after it.
         stop = [text[10:12]] if len(text) >= 12 else []
-        req = {**base_req, "stop": stop}
+        req = replace(base_req, stop=tuple(stop))
         whole = await chunks(req)
         out = await server.generate(req)
         results = []
         ids, sent = [], ""
         for c in whole[1:-1]:
-            ids, sent = ids + c["ids"], sent + c["text"]
-            resumed = await chunks({**req, "resume_ids": ids, "resume_text": sent})
-            results.append((sent + "".join(c["text"] for c in resumed[1:]), resumed[-1]))
+            ids, sent = ids + list(c.ids), sent + c.text
+            resumed = await chunks(req.resumed(ids, sent))
+            results.append((sent + "".join(c.text for c in resumed[1:]), resumed[-1]))
         return whole, out, results
 
     whole, out, results = run(go())
-    full = "".join(c["text"] for c in whole[1:])
-    assert full == out["text"] and whole[-1]["finish_reason"] == out["finish_reason"] == "stop"
+    full = "".join(c.text for c in whole[1:])
+    assert full == out.text and whole[-1].finish_reason == out.finish_reason == "stop"
     assert len(results) >= 5
     for text, last in results:
         assert text == full
-        assert last["finish_reason"] == out["finish_reason"]
-        assert last["completion_tokens"] == out["completion_tokens"]
+        assert last.finish_reason == out.finish_reason
+        assert last.completion_tokens == out.completion_tokens
 
 
 def test_deployment_arguments_carry_no_secret_and_replicas_read_it_from_their_environment(monkeypatch):

@@ -18,7 +18,7 @@ def run(
     """The control loop: each cycle planned here and trained as the Ray job fleet-cycle-<n>."""
     from fleet.errors import ValidationError
     from fleet.handles import Fleet
-    from fleet.ops.control import run_loop
+    from fleet.ops.cycle import run_loop
 
     if not once and not every:
         raise ValidationError("give --once, or --every INTERVAL (e.g. --every 10m)")

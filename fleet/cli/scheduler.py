@@ -37,7 +37,7 @@ def cycle(
 ) -> None:
     """Schedule, train the packs, score drift, record usage: one cycle, in this process."""
     from fleet.handles import Fleet
-    from fleet.ops.control import cycle_once
+    from fleet.ops.cycle import cycle_once
 
     out = cycle_once(Fleet(common.config()), cycle_id=cycle_id, steps=steps, console=common.console)
     s = out.summary

@@ -1,4 +1,4 @@
-"""GPU models, their MIG profiles, and the checks a deploy section must pass before rendering.
+"""The checks a deploy section must pass before rendering, over the GPU catalogue (``fleet.gpus``).
 
 Pure data and pure functions (no Ray, no Kubernetes client): the launcher and the
 KubeRay renderers both call :func:`check_deploy` first, so a node type that asks
@@ -9,79 +9,16 @@ cloud node an hour later.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 
 from fleet.config import DeployNodeType, FleetConfig
 from fleet.errors import ConfigError
+from fleet.gpus import DEPLOY_GPUS, MIG_COMPUTE_SLICES, MIG_MEMORY_SLICES, GpuModel
 
 SLICE_RESOURCE_PREFIX = "fleet_slice_"
 """Ray custom resource of one MIG instance: fleet_slice_<profile> (the scheduler's inventory reads it)."""
 
-MIG_COMPUTE_SLICES = 7
-MIG_MEMORY_SLICES = 8
-
-
-@dataclass(frozen=True)
-class MigProfile:
-    compute: int
-    """Compute slices (of 7) the instance takes."""
-    memory: int
-    """Memory slices (of 8) the instance takes."""
-
-
-@dataclass(frozen=True)
-class GpuModel:
-    product_label: str
-    """Value of the node label nvidia.com/gpu.product (NVIDIA GPU feature discovery)."""
-    memory_gb: int
-    mig: dict[str, MigProfile]
-    """MIG profiles by name; empty: the GPU has no MIG."""
-    aws_families: tuple[str, ...] = ()
-    """EC2 instance families that carry this GPU."""
-
-
-_MIG_80GB = {
-    "1g.10gb": MigProfile(1, 1),
-    "1g.20gb": MigProfile(1, 2),
-    "2g.20gb": MigProfile(2, 2),
-    "3g.40gb": MigProfile(3, 4),
-    "4g.40gb": MigProfile(4, 4),
-    "7g.80gb": MigProfile(7, 8),
-}
-
-GPU_MODELS: dict[str, GpuModel] = {
-    "A10G": GpuModel("NVIDIA-A10G", 24, {}, ("g5",)),
-    "L4": GpuModel("NVIDIA-L4", 24, {}, ("g6",)),
-    "L40S": GpuModel("NVIDIA-L40S", 48, {}, ("g6e",)),
-    "A100-40GB": GpuModel(
-        "NVIDIA-A100-SXM4-40GB",
-        40,
-        {
-            "1g.5gb": MigProfile(1, 1),
-            "1g.10gb": MigProfile(1, 2),
-            "2g.10gb": MigProfile(2, 2),
-            "3g.20gb": MigProfile(3, 4),
-            "4g.20gb": MigProfile(4, 4),
-            "7g.40gb": MigProfile(7, 8),
-        },
-        ("p4d",),
-    ),
-    "A100-80GB": GpuModel("NVIDIA-A100-SXM4-80GB", 80, dict(_MIG_80GB), ("p4de",)),
-    "H100": GpuModel("NVIDIA-H100-80GB-HBM3", 80, dict(_MIG_80GB), ("p5",)),
-    "H200": GpuModel(
-        "NVIDIA-H200",
-        141,
-        {
-            "1g.18gb": MigProfile(1, 1),
-            "1g.35gb": MigProfile(1, 2),
-            "2g.35gb": MigProfile(2, 2),
-            "3g.71gb": MigProfile(3, 4),
-            "4g.71gb": MigProfile(4, 4),
-            "7g.141gb": MigProfile(7, 8),
-        },
-        ("p5e", "p5en"),
-    ),
-}
+GPU_MODELS = DEPLOY_GPUS
+"""The GPU catalogue (``fleet.gpus``) by deployment name."""
 
 
 def slice_counts(node: DeployNodeType) -> dict[str, int]:

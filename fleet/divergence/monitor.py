@@ -29,8 +29,8 @@ from fleet.divergence._basenorms import base_norms
 from fleet.divergence.policy import (
     Decision,
     DriftMetrics,
-    DriftSample,
     DriftPolicy,
+    DriftSample,
     decide,
     population_stats,
 )

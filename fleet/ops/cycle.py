@@ -1,4 +1,14 @@
-"""One cycle of the control loop: demand → plan → packed training → drift → usage.
+"""The control loop's one home: every cycle, whatever starts it, is open → plan → execute
+(packed Ray Train runs) → gates → publish → usage → drift → close, with a heartbeat.
+
+- ``fleet cycle``: ``cycle_once`` (plans now, or executes a prepared cycle: what a cycle job runs);
+- ``fleet train``: ``train_once``, the same path with the packs an operator named;
+- ``fleet run``: ``run_loop``, which plans each cycle here (``prepare_cycle``), submits its
+  execution as the Ray job ``fleet-cycle-<n>`` (``submit_cycle``), follows it, and closes cycles
+  whose job ended without recording it (``reap_ended_cycles``).
+
+Drift joins through ``drift_hooks``: candidates pass the divergence gate before publication,
+and newly published versions are scored and acted on after training.
 
 A cycle is safe to kill at any point: publication is one registry transaction per pack,
 so nothing is ever half-published, and whatever a killed cycle did not publish is still
@@ -12,11 +22,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from fleet.errors import ConflictError, ValidationError
+from fleet.train.runner import PackOrder
 from fleet.types import RunStatus
 
 
@@ -134,7 +146,9 @@ def _register(fl, kind: str) -> int:
     _close_interrupted(fl)
     cycle_id = reg.start_cycle()
     # Two processes may both have found no live cycle: the older cycle goes on, this one yields.
-    first = [c["id"] for c in reg.list_cycles(limit=20) if c["id"] < cycle_id and c["status"] == "running"]
+    first = [
+        c["id"] for c in reg.list_cycles(limit=20) if c["id"] < cycle_id and c["status"] == RunStatus.RUNNING
+    ]
     if first:
         reg.finish_cycle(
             cycle_id, RunStatus.FAILED, {"kind": kind, "error": f"cycle {first[-1]} started first"}
@@ -143,13 +157,49 @@ def _register(fl, kind: str) -> int:
     return cycle_id
 
 
-def open_cycle(fl, packs: list[dict[str, Any]], *, kind: str = "train") -> int:
+def orders_of(plan) -> list[PackOrder]:
+    """The packs of a scheduler ``Plan`` as training orders."""
+    return [
+        PackOrder(tuple(p.members), tuple(p.token_budgets), p.slice_profile, dict(p.resources))
+        for p in plan.packs
+    ]
+
+
+def stored_orders(stored: dict[str, Any]) -> list[PackOrder]:
+    """The packs of a plan a cycle stored: a scheduler plan (``Plan.from_dict``), or the
+    ``{"packs": [order, ...]}`` of a ``fleet train`` cycle."""
+    from fleet.scheduler import Plan
+
+    if "format" in stored:
+        return orders_of(Plan.from_dict(stored))
+    return [PackOrder.from_dict(p, f"stored pack {i}") for i, p in enumerate(stored.get("packs") or [])]
+
+
+def read_plan_file(path: str | Path) -> list[PackOrder]:
+    """The packs of a plan written by ``fleet schedule --json`` (``fleet train --pack-file``)."""
+    from fleet.scheduler import Plan
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ValidationError(f"{p}: no such plan file") from None
+    except OSError as exc:
+        raise ValidationError(f"{p}: cannot be read ({exc.strerror})") from None
+    try:
+        return orders_of(Plan.from_json(text))
+    except ValidationError as exc:
+        raise ValidationError(f"{p}: {exc.message}") from None
+
+
+def open_cycle(fl, packs: Sequence[PackOrder], *, kind: str = "train") -> int:
     """A cycle over packs an operator named (``fleet train``) instead of planned ones: registered
     like any cycle, with the packs stored as its plan, so that :func:`execute_cycle` gates,
     publishes, scores and accounts for them exactly as it does for a planned cycle."""
     cycle_id = _register(fl, kind)
-    scheduled = sum(len(p.get("members") or []) for p in packs)
-    fl.registry.update_cycle(cycle_id, {"kind": kind, "scheduled": scheduled, "plan": {"packs": packs}})
+    scheduled = sum(len(p.members) for p in packs)
+    plan = {"packs": [p.to_dict() for p in packs]}
+    fl.registry.update_cycle(cycle_id, {"kind": kind, "scheduled": scheduled, "plan": plan})
     return cycle_id
 
 
@@ -200,7 +250,7 @@ def execute_cycle(
     t0 = row["started_at"]
     with heartbeat(reg, cycle_id, fl.cfg.scheduler.cycle_heartbeat_s):
         try:
-            packs_in = plan.get("packs", [])
+            packs_in = stored_orders(plan)
             outcomes, specs = (
                 train_packs(fl, packs_in, cycle_id=cycle_id, steps=steps, console=console, gates=gates)
                 if packs_in
@@ -255,7 +305,7 @@ def reap_ended_cycles(fl, client) -> list[int]:
 
     closed = []
     for c in fl.registry.list_cycles(limit=20):
-        if c["status"] != "running":
+        if RunStatus(c["status"]).is_terminal:
             continue
         try:
             status = job_status(client, f"fleet-cycle-{c['id']}")
@@ -286,3 +336,117 @@ def submit_cycle(fl, client, *, config_path: str | None, steps: int | None = Non
         fl.registry.finish_cycle(cycle_id, RunStatus.FAILED, summary)
         raise
     return cycle_id, name, meta
+
+
+# ------------------------------------------------------------------ entry points
+def drift_hooks(fl):
+    """The divergence monitor's gate (publication) and scan (after training)."""
+    from fleet.divergence.monitor import publication_gate, scan_after_training
+
+    return [publication_gate(fl)], scan_after_training
+
+
+def cycle_once(
+    fl, *, cycle_id: int | None = None, steps: int | None = None, console: Console | None = None
+) -> CycleOutcome:
+    gates, after = drift_hooks(fl)
+    if cycle_id is not None:
+        return execute_cycle(fl, cycle_id, console=console, steps=steps, gates=gates, after_training=after)
+    return run_cycle(fl, console=console, steps=steps, gates=gates, after_training=after)
+
+
+def train_once(
+    fl, packs: Sequence[PackOrder], *, steps: int | None = None, console: Console | None = None
+) -> CycleOutcome:
+    """``fleet train``: packs an operator named, through a cycle's own path (held-out and divergence
+    gates before publication, drift scan and usage accounting after), one cycle at a time."""
+    gates, after = drift_hooks(fl)
+    cycle_id = open_cycle(fl, packs, kind="train")
+    return execute_cycle(fl, cycle_id, console=console, steps=steps, gates=gates, after_training=after)
+
+
+def run_loop(
+    fl,
+    *,
+    every_s: float | None,
+    once: bool,
+    config_path: str | None,
+    steps: int | None = None,
+    console: Console,
+    max_cycles: int | None = None,
+) -> list[dict]:
+    """Plan and submit each cycle as the Ray job ``fleet-cycle-<n>``, wait for it, repeat."""
+    from fleet._ray import ensure_ray, job_client
+    from fleet.ops.cycle import submit_cycle
+
+    url = ensure_ray(fl.cfg, dashboard=True)
+    if url:
+        console.print(f"Ray dashboard: {url}  (jobs fleet-cycle-<n>, Train runs pack-<n>-<k>)")
+    client = job_client(fl.cfg, url)
+    done: list[dict] = []
+    while True:
+        t0 = time.time()
+        cycle_id, name, meta = submit_cycle(fl, client, config_path=config_path, steps=steps)
+        console.print(f"submitted {name}: {meta['packs']} packs, {meta['models']} models")
+        status = _follow_cycle(fl, client, cycle_id, name, meta, console)
+        row = fl.registry.get_cycle(cycle_id)
+        s = row["summary"] or {}
+        console.print(
+            f"{name} {status.lower()}: {s.get('published', 0)} published, {s.get('rejected', 0)} rejected, "
+            f"{s.get('rolled_back', 0)} rolled back, {time.time() - t0:.0f} s"
+        )
+        if status != "SUCCEEDED":
+            logs = client.get_job_logs(name)
+            from rich.text import Text
+
+            tail = "\n".join(logs.splitlines()[-15:])
+            console.print(Text.assemble((f"{name} failed", "red"), "; last log lines:\n", tail))
+        done.append(
+            {
+                "cycle_id": cycle_id,
+                "job": name,
+                "status": status,
+                **{k: s.get(k) for k in ("packs", "published", "rejected", "rolled_back")},
+            }
+        )
+        if once or not every_s or (max_cycles and len(done) >= max_cycles):
+            return done
+        time.sleep(max(0.0, every_s - (time.time() - t0)))
+
+
+def _follow_cycle(fl, client, cycle_id: int, name: str, meta: dict, console: Console) -> str:
+    """Wait for the cycle's job, with a progress bar of its models whose pack run has finished
+    (read from the registry, where the job records its runs)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    from fleet._ray import wait_job
+
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as prog:
+        task = prog.add_task(f"{name}: pending", total=max(1, int(meta.get("models") or 0)))
+
+        def poll(status: str) -> None:
+            runs = fl.registry.list_runs(cycle_id=cycle_id, limit=10_000)
+            finished = [r for r in runs if r.finished_at]
+            prog.update(
+                task,
+                completed=sum(len(r.members) for r in finished),
+                description=f"{name}: {status.lower()}, pack runs {len(finished)} finished / {len(runs)} started",
+            )
+
+        status = wait_job(client, name, on_poll=poll)
+        poll(status)
+    return status

@@ -146,7 +146,7 @@ class VersionsMixin(RegistryCore):
             for r in todo:
                 n = int(latest.get(r.model_id) or 0) + 1
                 uri = store.commit(r.staged, n)
-                active = r.state is AdapterState.ACTIVE
+                active = r.state.servable
                 rows.append(
                     {
                         "model_id": r.model_id,
@@ -198,7 +198,7 @@ class VersionsMixin(RegistryCore):
             self.lock_models(conn, [model_id])
             target = self._version_row(conn, model_id, version)
             state = AdapterState(target.state)
-            if state is AdapterState.ACTIVE:
+            if state.servable:  # already the one that serves
                 return _version_record(target)
             if not state.can_become_active:
                 raise ConflictError(

@@ -34,57 +34,12 @@ from typing import Any, Literal
 import numpy as np
 
 from fleet.errors import ConfigError
+from fleet.gpus import GPU_ALIASES, GPUS, GpuModel
 
 SLICE_RESOURCE_PREFIX = "fleet_slice_"
 ACCELERATOR_PIN = 0.001
 """How much of a node's ``accelerator_type:<T>`` resource a pack asks for: a pin to the card
 type, not a limit (Ray puts 1.0 of it on each node)."""
-
-
-@dataclass(frozen=True)
-class GpuModel:
-    name: str
-    memory_gb: float
-    speed: float
-    ray_type: str
-    """Ray's ``accelerator_type`` label for the card (``A100-80G`` must be set by the operator)."""
-    mig: tuple[str, ...]
-
-
-_MIG_80GB = ("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb")
-GPUS: dict[str, GpuModel] = {
-    g.name: g
-    for g in (
-        GpuModel("a10g", 24.0, 0.12, "A10G", ()),
-        GpuModel("l4", 24.0, 0.12, "L4", ()),
-        GpuModel("l40s", 48.0, 0.35, "L40S", ()),
-        GpuModel(
-            "a100-40gb", 40.0, 0.40, "A100", ("1g.5gb", "1g.10gb", "2g.10gb", "3g.20gb", "4g.20gb", "7g.40gb")
-        ),
-        GpuModel("a100-80gb", 80.0, 0.40, "A100-80G", _MIG_80GB),
-        GpuModel("h100-80gb", 80.0, 1.00, "H100", _MIG_80GB),
-        GpuModel(
-            "h200-141gb",
-            141.0,
-            1.10,
-            "H200",
-            ("1g.18gb", "1g.35gb", "2g.35gb", "3g.71gb", "4g.71gb", "7g.141gb"),
-        ),
-    )
-}
-GPU_ALIASES = {"h100": "h100-80gb", "h200": "h200-141gb", "a100": "a100-40gb"}
-"""Other spellings of a card (fleet.deploy's GPU names, Ray's labels), lower-cased."""
-RAY_TYPES: dict[str, str] = {
-    "A10G": "a10g",
-    "L4": "l4",
-    "L40S": "l40s",
-    "A100": "a100-40gb",
-    "A100-40G": "a100-40gb",
-    "A100-80G": "a100-80gb",
-    "H100": "h100-80gb",
-    "H200": "h200-141gb",
-}
-"""Ray ``accelerator_type`` label → card. Plain ``A100`` (Ray's own label for both sizes) reads as 40 GB."""
 
 
 def _mig_default(mig: str) -> GpuModel | None:

@@ -20,7 +20,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fleet.errors import ConfigError, UnavailableError
-from fleet.scheduler.inventory import RAY_TYPES, SLICE_RESOURCE_PREFIX, Inventory, SliceGroup, slice_type
+from fleet.gpus import RAY_TYPES
+from fleet.scheduler.inventory import SLICE_RESOURCE_PREFIX, Inventory, SliceGroup, slice_type
 
 _PREFERRED_LABELS = ("A100-80G", "A100-40G")
 

@@ -21,7 +21,7 @@ import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from fleet.errors import FleetError, OverloadedError, RateLimitError, UnavailableError, ValidationError
 from fleet.registry import Registry, Stack
 from fleet.serve import protocol as p
+from fleet.serve.messages import Completion, ReplicaRequest, StreamDelta, StreamEnd
 from fleet.serve.metrics import ServeMetrics
 from fleet.serve.runtime import config_from_args, context_limit, encode_chat, encode_prompt, load_tokenizer
 from fleet.serve.tenancy import RateLimiter, Tenancy
@@ -234,19 +235,17 @@ class FleetIngress:
                 release = None  # the stream lets go when it ends
                 return response
             out = await self._call(stack, payload)
-            use = p.usage(len(prep.ids), out["completion_tokens"])
+            use = p.usage(len(prep.ids), out.completion_tokens)
             if chat:
-                result = p.chat_response(reply, body.model, out["text"], out["finish_reason"], use)
+                result = p.chat_response(reply, body.model, out.text, out.finish_reason, use)
             else:
-                text = prep.echo + out["text"]
-                result = p.completion_response(
-                    reply, body.model, text, out["finish_reason"], out["logprobs"], use
-                )
+                text = prep.echo + out.text
+                result = p.completion_response(reply, body.model, text, out.finish_reason, out.logprobs, use)
             self.metrics.request(
-                tier, 200, time.perf_counter() - t0, ttft_s=out["ttft_s"],
-                prompt_tokens=len(prep.ids), completion_tokens=out["completion_tokens"],
+                tier, 200, time.perf_counter() - t0, ttft_s=out.ttft_s,
+                prompt_tokens=len(prep.ids), completion_tokens=out.completion_tokens,
             )  # fmt: skip
-            return JSONResponse(result, headers={SERVED_BY: out["served_by"]})
+            return JSONResponse(result, headers={SERVED_BY: out.served_by})
         except FleetError as exc:
             return self._error(exc, tier, t0)
         finally:
@@ -379,21 +378,21 @@ class FleetIngress:
 
     def _payload(
         self, body: Any, stack: Stack, prep: Prepared, company: str, *, logprobs, echo: bool
-    ) -> dict:
-        return {
-            "entries": [asdict(e) for e in stack.entries],
-            "company": company,
-            "prompt_ids": prep.ids,
-            "max_tokens": prep.max_tokens,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "stop": body.stop_list(),
-            "seed": body.seed,
-            "logprobs": logprobs,
-            "echo": echo,
-        }
+    ) -> ReplicaRequest:
+        return ReplicaRequest.of(
+            stack.entries,
+            prep.ids,
+            prep.max_tokens,
+            company=company,
+            temperature=float(body.temperature),
+            top_p=float(body.top_p),
+            stop=body.stop_list(),
+            seed=body.seed,
+            logprobs=logprobs,
+            echo=echo,
+        )
 
-    async def _call(self, stack: Stack, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _call(self, stack: Stack, payload: ReplicaRequest) -> Completion:
         handle = self.model.options(multiplexed_model_id=route_id(stack))
         for delay in (*RETRY_DELAYS_S, None):
             try:
@@ -403,7 +402,7 @@ class FleetIngress:
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _open_stream(self, stack: Stack, payload: dict[str, Any]):
+    async def _open_stream(self, stack: Stack, payload: ReplicaRequest):
         handle = self.model.options(multiplexed_model_id=route_id(stack), stream=True)
         for delay in (*RETRY_DELAYS_S, None):
             gen = handle.stream.remote(payload)
@@ -427,7 +426,7 @@ class FleetIngress:
         log.warning("model replica unavailable (%s); retrying in %.2fs", type(exc).__name__, delay)
 
     async def _stream(
-        self, stack: Stack, payload: dict, body: Any, reply: p.Reply, tier: str, t0: float, n_prompt: int,
+        self, stack: Stack, payload: ReplicaRequest, body: Any, reply: p.Reply, tier: str, t0: float, n_prompt: int,
         *, echo: str, chat: bool, release: Callable[[], None],
     ) -> Response:  # fmt: skip
         gen, first = await self._open_stream(stack, payload)
@@ -454,16 +453,16 @@ class FleetIngress:
                 while not finished:
                     try:
                         async for item in gen:
-                            text = item.get("text", "")
+                            text = getattr(item, "text", "")
                             if text:
                                 ttft = ttft if ttft is not None else time.perf_counter() - t0
                                 sent += text
                                 yield chunk(text)
-                            if item["type"] == "delta":
-                                ids.extend(item["ids"])
-                            elif item["type"] == "end":
-                                finished, n_out = True, item["completion_tokens"]
-                                yield chunk("", item["finish_reason"])
+                            if isinstance(item, StreamDelta):
+                                ids.extend(item.ids)
+                            elif isinstance(item, StreamEnd):
+                                finished, n_out = True, item.completion_tokens
+                                yield chunk("", item.finish_reason)
                                 if body.include_usage:
                                     obj = "chat.completion.chunk" if chat else "text_completion"
                                     yield p.sse(p.usage_chunk(reply, model, obj, p.usage(n_prompt, n_out)))
@@ -482,9 +481,7 @@ class FleetIngress:
                         log.warning(
                             "model replica lost mid-stream (%s); resuming on another", type(exc).__name__
                         )
-                        gen, _ = await self._open_stream(
-                            stack, {**payload, "resume_ids": ids, "resume_text": sent}
-                        )
+                        gen, _ = await self._open_stream(stack, payload.resumed(ids, sent))
                 yield p.SSE_DONE
             except Exception as exc:  # the stream has started: report in-band, as OpenAI does
                 err = as_fleet_error(exc) or UnavailableError(f"the stream failed: {type(exc).__name__}")
@@ -510,7 +507,7 @@ class FleetIngress:
         return StreamingResponse(
             body_iter,
             media_type="text/event-stream",
-            headers={SERVED_BY: first["served_by"], "Cache-Control": "no-cache"},
+            headers={SERVED_BY: first.served_by, "Cache-Control": "no-cache"},
         )
 
     def _error(self, exc: FleetError, tier: str, t0: float) -> JSONResponse:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from ray import serve
@@ -23,11 +24,11 @@ from fleet.lora import AdapterWeights
 from fleet.registry import Registry, StackEntry
 from fleet.serve.batcher import Batcher, Done, Failed, Job, Token
 from fleet.serve.cache import AdapterCache, Lease
+from fleet.serve.messages import Completion, ReplicaRequest, StreamDelta, StreamEnd, StreamEvent, StreamStart
 from fleet.serve.metrics import ServeMetrics
 from fleet.serve.runtime import build_runtime, config_from_args, token_text
 from fleet.serve.text import TextStream
 from fleet.store import open_store
-from fleet.types import AdapterState
 
 log = logging.getLogger("fleet.serve")
 MODEL_DEPLOYMENT = "FleetModel"
@@ -69,15 +70,15 @@ class ModelServer:
         )
 
     # ------------------------------------------------------------------ requests
-    async def generate(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, req: ReplicaRequest) -> Completion:
         """One request to completion: text, finish reason, token counts, optional log-probs."""
-        lease = await self.cache.acquire(_entries(req))
+        lease = await self.cache.acquire(list(req.entries))
         jobs: list[Job] = []
         try:
-            text = TextStream(self.tokenizer, req.get("stop") or [])
+            text = TextStream(self.tokenizer, list(req.stop))
             token_ids: list[int] = []
             reason, n_tokens, ttft = "length", 0, None
-            if req["max_tokens"] > 0:
+            if req.max_tokens > 0:
                 # Token events only when a stop string has to be watched for; else just the end.
                 job = self.batcher.submit(_job(req, lease, tokens=bool(text.stop)))
                 jobs.append(job)
@@ -104,21 +105,13 @@ class ModelServer:
                 token_ids = list(text.ids)
             final = text.finish()
             logprobs = None
-            if req.get("logprobs") is not None:
+            if req.logprobs is not None:
                 logprobs = await self._logprobs(req, lease, token_ids, jobs, first=not jobs)
-            return {
-                "served_by": lease.served_by,
-                "fallbacks": len(lease.fallbacks),
-                "text": final,
-                "finish_reason": reason,
-                "completion_tokens": n_tokens,
-                "logprobs": logprobs,
-                "ttft_s": ttft,
-            }
+            return Completion(lease.served_by, len(lease.fallbacks), final, reason, n_tokens, logprobs, ttft)
         finally:
             self._release_when_done(jobs, lease)
 
-    async def stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, req: ReplicaRequest) -> AsyncIterator[StreamEvent]:
         """The same, as chunks: ``start`` (who serves it), ``delta`` (text, and the token ids behind
         it), ``end``.
 
@@ -135,30 +128,23 @@ class ModelServer:
         there and the client sees one uninterrupted completion. Stop strings are checked here, over
         the whole completion, so one that straddles the resume point is still found.
         """
-        resume_ids = [int(t) for t in req.get("resume_ids") or []]
-        remaining = int(req["max_tokens"]) - len(resume_ids)
-        text = TextStream(
-            self.tokenizer, req.get("stop") or [], ids=resume_ids, sent=str(req.get("resume_text") or "")
-        )
-        lease = await self.cache.acquire(_entries(req))
+        resume_ids = list(req.resume_ids)
+        remaining = req.max_tokens - len(resume_ids)
+        text = TextStream(self.tokenizer, list(req.stop), ids=resume_ids, sent=req.resume_text)
+        lease = await self.cache.acquire(list(req.entries))
         jobs: list[Job] = []
         try:
             if remaining > 0 and not text.stopped:
-                prompt = list(req["prompt_ids"]) + resume_ids
+                prompt = (*req.prompt_ids, *resume_ids)
                 jobs.append(
                     self.batcher.submit(
-                        _job({**req, "prompt_ids": prompt, "max_tokens": remaining}, lease, tokens=True)
+                        _job(replace(req, prompt_ids=prompt, max_tokens=remaining), lease, tokens=True)
                     )
                 )
-            yield {"type": "start", "served_by": lease.served_by, "fallbacks": len(lease.fallbacks)}
+            yield StreamStart(lease.served_by, len(lease.fallbacks))
 
-            def end(reason: str, n_tokens: int) -> dict[str, Any]:
-                return {
-                    "type": "end",
-                    "text": text.rest(),
-                    "finish_reason": reason,
-                    "completion_tokens": n_tokens,
-                }
+            def end(reason: str, n_tokens: int) -> StreamEnd:
+                return StreamEnd(text.rest(), reason, n_tokens)
 
             if not jobs:  # resumed right at the length limit, or past a stop string not yet sent
                 yield end("stop" if text.stopped else "length", len(resume_ids))
@@ -198,7 +184,7 @@ class ModelServer:
                     if new and (last_sent is None or now - last_sent >= self._stream_interval()):
                         delta = text.sendable()
                         if delta:
-                            yield {"type": "delta", "text": delta, "ids": new}
+                            yield StreamDelta(delta, tuple(new))
                             new = []
                         last_sent = now  # (all held back: a stop string may start here; wait a turn)
             finally:
@@ -254,20 +240,20 @@ class ModelServer:
             j.when_removed(one_gone)
 
     async def _logprobs(
-        self, req: dict[str, Any], lease: Lease, gen_ids: list[int], jobs: list[Job], *, first: bool
+        self, req: ReplicaRequest, lease: Lease, gen_ids: list[int], jobs: list[Job], *, first: bool
     ) -> dict[str, Any]:
         """OpenAI's legacy logprobs over the returned tokens (the prompt's too with echo), from one prefill.
 
         The pass waits in the batcher's queue like any request (a scoring request is admitted, or
         refused, there); only the positions returned are scored, with only the top-k asked for.
         """
-        prompt = list(req["prompt_ids"])
-        start = 0 if req.get("echo") else len(prompt)
+        prompt = list(req.prompt_ids)
+        start = 0 if req.echo else len(prompt)
         if start >= len(prompt) + len(gen_ids):
             return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         job = Job(
-            prompt + list(gen_ids), lease.slots_L, 0, company=str(req.get("company") or ""),
-            score_from=start, top_k=int(req["logprobs"]),
+            prompt + list(gen_ids), lease.slots_L, 0, company=req.company,
+            score_from=start, top_k=int(req.logprobs or 0),
         )  # fmt: skip
         jobs.append(self.batcher.submit(job, admitted=not first))
         event = await job.events.get()
@@ -335,7 +321,7 @@ class ModelServer:
             if v.version < entry.version
             and v.activated_at is not None
             and v.rolled_back_at is None
-            and v.state in (AdapterState.ACTIVE, AdapterState.RETIRED)
+            and v.state.can_stand_in
         ]
         earlier.sort(key=lambda v: (v.activated_at, v.version), reverse=True)
         return [StackEntry(v.model_id, v.version, v.sha256, v.uri, v.rank, v.alpha) for v in earlier]
@@ -346,19 +332,15 @@ def _quantile(values, q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
 
 
-def _entries(req: dict[str, Any]) -> list[StackEntry]:
-    return [StackEntry(**e) for e in req["entries"]]
-
-
-def _job(req: dict[str, Any], lease: Lease, *, tokens: bool) -> Job:
+def _job(req: ReplicaRequest, lease: Lease, *, tokens: bool) -> Job:
     return Job(
-        prompt_ids=list(req["prompt_ids"]),
+        prompt_ids=list(req.prompt_ids),
         slots=lease.slots_L,
-        max_new_tokens=int(req["max_tokens"]),
-        temperature=float(req.get("temperature", 0.0)),
-        top_p=float(req.get("top_p", 1.0)),
-        seed=req.get("seed"),
-        company=str(req.get("company") or ""),
+        max_new_tokens=req.max_tokens,
+        temperature=float(req.temperature),
+        top_p=float(req.top_p),
+        seed=req.seed,
+        company=req.company,
         tokens=tokens,
     )
 
@@ -384,11 +366,11 @@ class FleetModel:
         if stack_key:
             await self._register_stack(stack_key)
 
-    async def generate(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def generate(self, req: ReplicaRequest) -> Completion:
         await self._route()
         return await self.server.generate(req)
 
-    async def stream(self, req: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, req: ReplicaRequest) -> AsyncIterator[StreamEvent]:
         await self._route()
         async for chunk in self.server.stream(req):
             yield chunk

@@ -1,12 +1,12 @@
-"""Training as an operator starts it: packs from model ids or a plan file, live progress, a summary."""
+"""Training packs of a cycle: ``PackOrder`` (what a cycle stores and trains), level stages, live\nprogress, a summary."""
 
 from __future__ import annotations
 
-import json
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -19,27 +19,51 @@ from fleet.train.pack import PackSpec, build_pack
 from fleet.types import TIERS, level_of
 
 
-def packs_of_models(cfg, model_ids: Sequence[str]) -> list[dict]:
+@dataclass(frozen=True)
+class PackOrder:
+    """One pack to train, as a cycle stores it and ``train_packs`` takes it: a pack of the
+    scheduler's plan, or models an operator named (``fleet train``)."""
+
+    members: tuple[str, ...]
+    token_budgets: tuple[int, ...] | None = None
+    slice_profile: str | None = None
+    resources: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.token_budgets is not None and len(self.token_budgets) != len(self.members):
+            raise ValidationError(
+                f"a pack of {len(self.members)} members has {len(self.token_budgets)} token budgets"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "members": list(self.members),
+            "token_budgets": None if self.token_budgets is None else list(self.token_budgets),
+            "slice_profile": self.slice_profile,
+            "resources": dict(self.resources),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "pack") -> PackOrder:
+        members = d.get("members") if isinstance(d, Mapping) else None
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ValidationError(f"{where}: 'members' must be a list of model ids")
+        budgets = d.get("token_budgets")
+        try:
+            return cls(
+                tuple(members),
+                None if budgets is None else tuple(int(b) for b in budgets),
+                None if d.get("slice_profile") is None else str(d["slice_profile"]),
+                {str(k): float(v) for k, v in dict(d.get("resources") or {}).items()},
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"{where}: {exc}") from None
+
+
+def packs_of_models(cfg, model_ids: Sequence[str]) -> list[PackOrder]:
     """``fleet train`` with model ids: packs of at most ``scheduler.max_pack_members``, in order."""
     size = cfg.scheduler.max_pack_members
-    return [{"members": list(model_ids[i : i + size])} for i in range(0, len(model_ids), size)]
-
-
-def read_plan_file(path: str | Path) -> list[dict]:
-    """The packs of a plan written by ``fleet schedule --json``."""
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise ValidationError(f"{p}: no such plan file") from None
-    except json.JSONDecodeError as exc:
-        raise ValidationError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    packs = doc.get("packs") if isinstance(doc, dict) else None
-    if not isinstance(packs, list) or not all(
-        isinstance(pk, dict) and isinstance(pk.get("members"), list) for pk in packs
-    ):
-        raise ValidationError(f"{p}: not a fleet plan (expected an object with a 'packs' list of members)")
-    return packs
+    return [PackOrder(tuple(model_ids[i : i + size])) for i in range(0, len(model_ids), size)]
 
 
 @contextmanager
@@ -66,33 +90,31 @@ def heartbeat(reg, cycle_id: int, every_s: float) -> Iterator[None]:
         thread.join(timeout=5)
 
 
-def stages(packs: list[dict]) -> list[list[dict]]:
+def stages(packs: Sequence[PackOrder]) -> list[list[PackOrder]]:
     """Each pack split by level into companies, then teams, then individuals.
 
     A child adapter learns on top of its ancestors' active adapters; an ancestor trained in the
     same cycle must therefore be published before its descendants train, or they would be served
     on top of an ancestor they never saw.
     """
-    out: list[list[dict]] = [[], [], []]
+    out: list[list[PackOrder]] = [[], [], []]
     for p in packs:
-        members = list(p.get("members") or [])
-        budgets = p.get("token_budgets")
         by_level: dict[int, list[int]] = {}
-        for i, m in enumerate(members):
+        for i, m in enumerate(p.members):
             by_level.setdefault(TIERS.index(level_of(m).value), []).append(i)
         for level, idx in sorted(by_level.items()):
             out[level].append(
-                {
-                    **p,
-                    "members": [members[i] for i in idx],
-                    "token_budgets": [budgets[i] for i in idx] if budgets else None,
-                }
+                replace(
+                    p,
+                    members=tuple(p.members[i] for i in idx),
+                    token_budgets=tuple(p.token_budgets[i] for i in idx) if p.token_budgets else None,
+                )
             )
     return [s for s in out if s]
 
 
 def train_packs(
-    fl, packs: list[dict], *, cycle_id: int, steps=None, console=None, gates: Sequence[Gate] = ()
+    fl, packs: Sequence[PackOrder], *, cycle_id: int, steps=None, console=None, gates: Sequence[Gate] = ()
 ) -> tuple[list[PackOutcome], list[PackSpec]]:
     """Train a plan's packs in level stages (companies, teams, individuals), packs of a stage
     concurrently. Every pack of the first stage is checked before anything runs; later stages are
@@ -107,12 +129,12 @@ def train_packs(
                 built.append(
                     build_pack(
                         fl,
-                        list(p["members"]),
+                        list(p.members),
                         cycle_id=cycle_id,
                         index=n,
-                        token_budgets=p.get("token_budgets"),
-                        slice_profile=p.get("slice_profile"),
-                        resources=p.get("resources"),
+                        token_budgets=list(p.token_budgets) if p.token_budgets else None,
+                        slice_profile=p.slice_profile,
+                        resources=dict(p.resources) or None,
                         steps=steps,
                     )
                 )
