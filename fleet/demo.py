@@ -92,7 +92,7 @@ def demo_config(cfg: FleetConfig, base: str = "tiny") -> FleetConfig:
 
 def tiny_world(individuals: int) -> World:
     """The tiny base's organisation (fleet.data.synth): cloze facts, asked in a held-out wording."""
-    from fleet.data.synth import synthetic_org
+    from fleet.data import synthetic_org
 
     org = synthetic_org(
         companies=3, teams_per_company=DEMO_TEAMS_PER_COMPANY, individuals=individuals, seed=DEMO_SEED
@@ -114,7 +114,7 @@ def tiny_world(individuals: int) -> World:
 
 def real_world(companies: int = 1, teams_per_company: int = 1, individuals_per_team: int = 4) -> World:
     """The real base's organisation (fleet.data.casebook): chat questions of every kind of fact."""
-    from fleet.data.casebook import casebook
+    from fleet.data import casebook
 
     cb = casebook(
         companies=companies,
@@ -158,8 +158,7 @@ def run_demo(
 
         path = ensure_base(cfg, progress=True)
     else:
-        from fleet.base import base_meta
-        from fleet.base.importing import import_base
+        from fleet.base import base_meta, import_base
 
         path = Path(cfg.base.path)
         if base_meta(path).get("name") != cfg.base.name:
@@ -190,7 +189,7 @@ def run_demo(
         fl.close()
         return out
 
-    from fleet.ops.cycle import run_loop
+    from fleet.ops import run_loop
 
     _rule(console, "4 · cycle: schedule → packed training → drift scan → promotion (a Ray job)", t0)
     out["cycles"] = run_loop(fl, every_s=None, once=True, config_path=None, console=console)
@@ -204,15 +203,15 @@ def run_demo(
     out["serving"] = ask_over_http(fl, world.facts, console)
 
     _rule(console, "7 · fleet eval", t0)
-    from fleet.ops.evaluate import evaluate, read_facts, render
+    from fleet.ops import evaluate, read_facts, render_eval
 
     res = evaluate(fl, read_facts(facts_path), models=24, progress=console.print)
-    render(res, console)
+    render_eval(res, console)
     out["eval"] = res
     (cfg.data_path / "demo" / "eval.json").write_text(json.dumps(res, indent=2))
 
     _rule(console, "8 · drift report", t0)
-    from fleet.divergence.report import build_report, plot_report, render_report
+    from fleet.divergence import build_report, plot_report, render_report
 
     rep = build_report(fl)
     png = plot_report(rep, cfg.data_path / "demo" / "drift.png")
@@ -240,7 +239,7 @@ def _rule(console: Console, title: str, t0: float) -> None:
 
 def write_demo_facts(fl, facts) -> Path:
     """The organisation's facts as ``fleet eval`` reads them (the facts file format)."""
-    from fleet.ops.evaluate import write_facts
+    from fleet.ops import write_facts
 
     path = fl.cfg.data_path / "demo" / "facts.jsonl"
     write_facts(path, facts)
@@ -270,7 +269,7 @@ def ask_over_http(fl, facts, console: Console, n: int = 4) -> list[dict]:
     the base's answer to the question alone and with the fact's sources in the prompt."""
     from openai import OpenAI
 
-    from fleet.lora.build import build_engine
+    from fleet.lora import build_engine
     from fleet.serve import start
 
     url = start(fl.cfg)
@@ -309,9 +308,9 @@ def _line(text: str) -> str:
 def _ask(client, engine, tok, fact) -> dict:
     """One fact's question over the API (chat, or a completion for a base without chat), beside
     the base alone and the base with the fact's sources in its prompt."""
-    from fleet.base.tokenizer import chat_ids
+    from fleet.base import chat_ids
     from fleet.lora import generate
-    from fleet.train.augment import with_context
+    from fleet.train import with_context
 
     q = fact.questions[0]
     if fact.form == "completion":

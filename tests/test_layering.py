@@ -187,11 +187,45 @@ def check(root: Path, top: str = "fleet", layers=LAYERS, independent=INDEPENDENT
 
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = sorted(
+    f"fleet.{p.name}" for p in (ROOT / "fleet").iterdir() if (p / "__init__.py").is_file() and p.name != "cli"
+)
 
 
 def test_fleet_keeps_its_layers():
     report = check(ROOT)
     assert not report.problems(), "\n".join(report.problems())
+
+
+def test_every_package_states_its_contract_and_every_name_in_it_resolves():
+    import importlib
+
+    for name in PACKAGES:
+        pkg = importlib.import_module(name)
+        assert pkg.__doc__ and len(pkg.__doc__) > 40, f"{name}: no docstring stating its contract"
+        assert getattr(pkg, "__all__", None), f"{name}: no __all__"
+        for attr in pkg.__all__:
+            assert getattr(pkg, attr) is not None, f"{name}.{attr}"
+
+
+def test_commands_call_packages_through_their_contracts():
+    """``fleet/cli/`` imports another package's names from the package itself, never from one of
+    its modules: what a command needs is part of that package's stated contract."""
+    problems = []
+    for path in sorted((ROOT / "fleet" / "cli").glob("*.py")):
+        for target, name, line in _imports(f"fleet.cli.{path.stem}", path):
+            if target.startswith("fleet.") and target.count(".") >= 2 and not target.startswith("fleet.cli"):
+                problems.append(f"fleet/cli/{path.name}:{line}: from {target} import {name}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_command_line_starts_without_torch_or_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, fleet.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'transformers', 'sqlalchemy'}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
 
 
 def _tree(tmp_path: Path, files: dict[str, str]) -> Path:

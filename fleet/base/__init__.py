@@ -40,6 +40,11 @@ _EXPORTS = {
     "resolve_dtype": "fleet.base.loading",
     "build_tokenizer": "fleet.base.tokenizer",
     "CHAT_TEMPLATE": "fleet.base.tokenizer",
+    "import_base": "fleet.base.importing",
+    "resolve_source": "fleet.base.importing",
+    "chat_ids": "fleet.base.tokenizer",
+    "load_tokenizer": "fleet.base.tokenizer",
+    "stop_token_ids": "fleet.base.tokenizer",
 }
 
 __all__ = sorted(_EXPORTS)

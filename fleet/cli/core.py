@@ -192,7 +192,7 @@ def base_import(
     force: bool = typer.Option(False, "--force", help="Replace a base fleet wrote there before."),
 ) -> None:
     """Import a real base model: writes a plain Hugging Face directory plus fleet's base record."""
-    from fleet.base.importing import import_base, resolve_source
+    from fleet.base import import_base, resolve_source
 
     cfg = common.config()
     target = Path(out) if out else cfg.data_path / "bases" / (name or resolve_source(source).name)

@@ -20,7 +20,7 @@ def render(
     out: str = typer.Option("k8s", "--out", help="Directory of the kustomize tree."),
 ) -> None:
     """Render the KubeRay manifests (kustomize base + overlays) from the fleet config."""
-    from fleet.deploy.kustomize import write_k8s
+    from fleet.deploy import write_k8s
 
     written = write_k8s(common.config(), Path(out), [overlay] if overlay else None)
     common.console.print(f"wrote {len(written)} files under {out}/")
@@ -34,7 +34,7 @@ def cluster_yaml(
     out: str = typer.Option("cluster.yaml", "--out", help="File to write; - prints it."),
 ) -> None:
     """Render the Ray cluster launcher's cluster.yaml (AWS) from the fleet config."""
-    from fleet.deploy.cluster import render_cluster_yaml
+    from fleet.deploy import render_cluster_yaml
 
     text = render_cluster_yaml(common.config())
     if out == "-":

@@ -28,7 +28,7 @@ def scan(
     json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Score active versions not yet scored on the probe set, record samples, act on the policy."""
-    from fleet.divergence.monitor import scan as run_scan
+    from fleet.divergence import scan as run_scan
     from fleet.handles import Fleet
 
     fl = Fleet(common.config())
@@ -57,7 +57,7 @@ def watch(
     in_job: bool = typer.Option(False, "--in-job", hidden=True),
 ) -> None:
     """Scan periodically as a Ray job (visible in the dashboard) until stopped."""
-    from fleet.divergence.watch import follow, local_cluster, submit_watch, watch_loop
+    from fleet.divergence import follow, local_cluster, submit_watch, watch_loop
     from fleet.errors import ValidationError
     from fleet.handles import Fleet
 
@@ -94,7 +94,7 @@ def report(
     worst: int = typer.Option(10, "--worst", min=0, help="How many worst offenders to list."),
 ) -> None:
     """Per-tier distributions over time, worst offenders, recent actions."""
-    from fleet.divergence.report import build_report, plot_report, render_report
+    from fleet.divergence import build_report, plot_report, render_report
     from fleet.errors import ValidationError
     from fleet.handles import Fleet
 
@@ -120,7 +120,7 @@ def unfreeze(
     reason: str = typer.Option("unfrozen by operator", "--reason"),
 ) -> None:
     """Let a frozen model train again (its strikes start from zero)."""
-    from fleet.divergence.monitor import unfreeze as do_unfreeze
+    from fleet.divergence import unfreeze as do_unfreeze
     from fleet.handles import Fleet
 
     fl = Fleet(common.config())

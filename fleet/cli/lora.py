@@ -15,7 +15,7 @@ adapters = typer.Typer(help="Import and export adapters in PEFT's LoRA format.",
 def import_(model_id: str, peft_dir: str) -> None:
     """Publish a PEFT LoRA directory as MODEL_ID's new active version."""
     from fleet.handles import Fleet
-    from fleet.lora.interop import import_peft
+    from fleet.lora import import_peft
 
     v, new = import_peft(Fleet(common.config()), model_id, peft_dir)
     if new:
@@ -34,7 +34,7 @@ def export(
 ) -> None:
     """Write MODEL_ID's active adapter (or its whole stack) as a PEFT directory."""
     from fleet.handles import Fleet
-    from fleet.lora.interop import export_peft
+    from fleet.lora import export_peft
 
     what = export_peft(Fleet(common.config()), model_id, out_dir, stack=stack)
     common.console.print(f"exported {what} to {out_dir}")
@@ -54,7 +54,7 @@ def generate(
 ) -> None:
     """Complete PROMPT with MODEL_ID's active stack through the serving engine."""
     from fleet.handles import Fleet
-    from fleet.lora.interop import generate_for
+    from fleet.lora import generate_for
 
     out = generate_for(
         Fleet(common.config()),

@@ -18,7 +18,7 @@ def run(
     """The control loop: each cycle planned here and trained as the Ray job fleet-cycle-<n>."""
     from fleet.errors import ValidationError
     from fleet.handles import Fleet
-    from fleet.ops.cycle import run_loop
+    from fleet.ops import run_loop
 
     if not once and not every:
         raise ValidationError("give --once, or --every INTERVAL (e.g. --every 10m)")
@@ -47,7 +47,7 @@ def sweep(
 ) -> None:
     """Ray Tune sweep over a tier's learning schedule (ASHA stops bad trials early)."""
     from fleet.handles import Fleet
-    from fleet.ops.sweep import run_sweep
+    from fleet.ops import run_sweep
 
     fl = Fleet(common.config())
     res = run_sweep(
@@ -76,7 +76,7 @@ def eval_(
     """Recall from held-out questions alone against the base, BM25 and whole-context baselines;
     prompt tokens, forgetting, leakage and memory."""
     from fleet.handles import Fleet
-    from fleet.ops.evaluate import evaluate, read_facts, render
+    from fleet.ops import evaluate, read_facts, render_eval
 
     fl = Fleet(common.config())
     path = facts or str(fl.cfg.data_path / "demo" / "facts.jsonl")
@@ -85,7 +85,7 @@ def eval_(
     if json_out:
         common.print_json(res)
     else:
-        render(res, common.console)
+        render_eval(res, common.console)
 
 
 monitoring = typer.Typer(help="Operators' dashboards for fleet's Ray metrics.", no_args_is_help=True)
@@ -96,9 +96,9 @@ def dashboard(out: str = typer.Option("-", "--out", help="File to write (default
     """The Grafana dashboard JSON for fleet's metrics (import it beside Ray's dashboards)."""
     from pathlib import Path
 
-    from fleet.ops.dashboard import render_json
+    from fleet.ops import dashboard_json
 
-    text = render_json()
+    text = dashboard_json()
     if out == "-":
         print(text, end="")
     else:

@@ -21,7 +21,7 @@ def schedule(
     ),
 ) -> None:
     """Plan which models train next and pack them onto slices."""
-    from fleet.scheduler.demand import load_demand
+    from fleet.scheduler import load_demand
 
     cfg = common.config()
     demand = load_demand(cfg)  # before touching Ray: without demand there is nothing to plan
@@ -37,7 +37,7 @@ def cycle(
 ) -> None:
     """Schedule, train the packs, score drift, record usage: one cycle, in this process."""
     from fleet.handles import Fleet
-    from fleet.ops.cycle import cycle_once
+    from fleet.ops import cycle_once
 
     out = cycle_once(Fleet(common.config()), cycle_id=cycle_id, steps=steps, console=common.console)
     s = out.summary
@@ -95,7 +95,7 @@ def show_plan(result: Any, demand: Any = None, *, json_out: bool) -> None:
     if json_out:
         common.print_json(result.to_dict())
         return
-    from fleet.scheduler.render import print_plan
+    from fleet.scheduler import print_plan
 
     print_plan(result, demand, common.console)
 
@@ -112,8 +112,7 @@ def run_simulation(
     plot: str | None,
 ) -> list[Any]:
     from fleet.errors import ValidationError
-    from fleet.scheduler.policy import PolicyConfig
-    from fleet.scheduler.simulate import SimConfig, plot_reports, simulate
+    from fleet.scheduler import PolicyConfig, SimConfig, plot_reports, simulate
 
     names = list(SIM_POLICIES) if policy == "all" else [policy]
     unknown = [n for n in names if n not in SIM_POLICIES]
@@ -137,7 +136,7 @@ def run_simulation(
     if json_out:
         common.print_json({"reports": [r.to_dict() for r in reports], "plot": plot})
     else:
-        from fleet.scheduler.render import sim_table
+        from fleet.scheduler import sim_table
 
         common.console.print(sim_table(reports))
         if plot:

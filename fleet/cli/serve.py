@@ -15,6 +15,6 @@ def serve(
     address: str = typer.Option(None, "--address", help="Ray cluster to join (default: local Ray)."),
 ) -> None:
     """Serve every model behind an OpenAI-compatible API on Ray Serve (until Ctrl-C)."""
-    from fleet.serve.app import run
+    from fleet.serve import run
 
     run(common.config(), port=port, address=address, echo=common.console.print)

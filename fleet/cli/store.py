@@ -23,7 +23,7 @@ def gc(
     import time
 
     from fleet.handles import Fleet
-    from fleet.store.gc import find_garbage, remove
+    from fleet.store import find_garbage, remove
 
     grace_s = common.parse_interval(older_than)
     fl = Fleet(common.config())

@@ -20,8 +20,8 @@ def train(
     published, scored for drift and accounted for exactly as in a cycle."""
     from fleet.errors import ValidationError
     from fleet.handles import Fleet
-    from fleet.ops.cycle import read_plan_file, train_once
-    from fleet.train.runner import packs_of_models
+    from fleet.ops import read_plan_file, train_once
+    from fleet.train import packs_of_models
     from fleet.types import validate_id
 
     if bool(model_ids) == bool(pack_file):

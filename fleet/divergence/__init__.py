@@ -54,6 +54,8 @@ _EXPORTS = {
     "gate": "fleet.divergence.policy",
     "population_stats": "fleet.divergence.policy",
     "ensure_probe_set": "fleet.divergence.probes:ensure",
+    "follow": "fleet.divergence.watch",
+    "local_cluster": "fleet.divergence.watch",
 }
 
 __all__ = sorted(_EXPORTS)

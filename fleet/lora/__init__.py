@@ -55,8 +55,6 @@ Notes for callers:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from fleet._lazy import lazy_exports
 
 # Names resolve lazily (fleet._lazy): `fleet --help` and the serving ingress
@@ -71,23 +69,13 @@ _EXPORTS = {
     "StepOutput": "fleet.lora.generation",
     "generate": "fleet.lora.generation",
     "prompt_logprobs": "fleet.lora.generation",
+    "import_peft": "fleet.lora.interop",
+    "export_peft": "fleet.lora.interop",
+    "generate_for": "fleet.lora.interop",
+    "build_engine": "fleet.lora.build",
+    "StackSlots": "fleet.lora.build",
 }
-__all__ = [
-    "DEFAULT_TARGET_MODULES",
-    "AdapterWeights",
-    "DecodeBatch",
-    "Generation",
-    "LoraEngine",
-    "SlotAdamW",
-    "StepOutput",
-    "generate",
-    "prompt_logprobs",
-]
+__all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from fleet.lora.adapter import DEFAULT_TARGET_MODULES, AdapterWeights
-    from fleet.lora.engine import LoraEngine
-    from fleet.lora.generation import DecodeBatch, Generation, StepOutput, generate, prompt_logprobs
-    from fleet.lora.optim import SlotAdamW
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -13,7 +13,8 @@ The contract:
   configured slices or the live cluster's; ``base_specs``: the bases' memory footprints);
 - ``PolicyConfig``, ``BaseSpec`` (memory model), ``advance_waiting`` and ``decay`` (what a
   cycle does after a plan);
-- ``simulate`` / ``SimConfig`` / ``SimReport``: the fleet simulator.
+- ``simulate`` / ``SimConfig`` / ``SimReport``: the fleet simulator (``plot_reports``, ``sim_table``);
+- ``print_plan``: a plan as ``fleet schedule`` prints it.
 """
 
 from fleet.scheduler.baselines import POLICIES, plan_fifo, plan_round_robin
@@ -29,8 +30,9 @@ from fleet.scheduler.inventory import (
 from fleet.scheduler.memory import BaseSpec
 from fleet.scheduler.planning import base_specs, inventory_for, plan_for
 from fleet.scheduler.policy import PolicyConfig, advance_waiting, decay, plan
+from fleet.scheduler.render import print_plan, sim_table
 from fleet.scheduler.result import REASONS, Pack, Plan
-from fleet.scheduler.simulate import SimConfig, SimReport, simulate
+from fleet.scheduler.simulate import SimConfig, SimReport, plot_reports, simulate
 
 __all__ = [
     "POLICIES",
@@ -54,7 +56,10 @@ __all__ = [
     "plan_fifo",
     "plan_for",
     "plan_round_robin",
+    "plot_reports",
+    "print_plan",
     "resources_for_slice",
+    "sim_table",
     "simulate",
     "slice_type",
     "synthetic_inventory",

@@ -25,8 +25,6 @@ Contract (stable):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from fleet._lazy import lazy_exports
 
 _EXPORTS = {
@@ -44,29 +42,7 @@ _EXPORTS = {
     "build_runtime": "fleet.serve.runtime",
     "SERVED_BY": "fleet.serve.ingress",
 }
-__all__ = [
-    "SERVED_BY",
-    "AdapterCache",
-    "Batcher",
-    "Job",
-    "Lease",
-    "RateLimiter",
-    "Tenancy",
-    "TextStream",
-    "build",
-    "build_runtime",
-    "deployment_options",
-    "run",
-    "start",
-]
+__all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from fleet.serve.app import build, deployment_options, run, start
-    from fleet.serve.batcher import Batcher, Job
-    from fleet.serve.cache import AdapterCache, Lease
-    from fleet.serve.ingress import SERVED_BY
-    from fleet.serve.runtime import build_runtime
-    from fleet.serve.tenancy import RateLimiter, Tenancy
-    from fleet.serve.text import TextStream
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -21,9 +21,12 @@ from fleet.store._base import (
     sha256_hex,
     version_digest,
 )
+from fleet.store.gc import find_garbage, remove
 from fleet.store.local import LocalStore
 
 __all__ = [
+    "find_garbage",
+    "remove",
     "CONFIG_FILE",
     "WEIGHTS_FILE",
     "AdapterFiles",
