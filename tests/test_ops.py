@@ -88,8 +88,8 @@ def untrained_eval(fl, facts):
 
 
 def test_killed_cycle_then_rerun_publishes_every_member_once(fl, org, ray_dashboard, untrained_eval):
-    from fleet._ray import job_client
-    from fleet.ops.cycle import run_cycle, submit_cycle, wait_job
+    from fleet._ray import job_client, wait_job
+    from fleet.ops.cycle import run_cycle, submit_cycle
     from fleet.status import collect_status
 
     client = job_client(fl.cfg, ray_dashboard)
@@ -108,12 +108,12 @@ def test_killed_cycle_then_rerun_publishes_every_member_once(fl, org, ray_dashbo
     else:
         pytest.fail(f"cycle job {name} never started training: {client.get_job_logs(name)[-2000:]}")
     client.stop_job(name)
-    assert wait_job(client, name, timeout_s=120) in ("STOPPED", "FAILED")
+    assert wait_job(client, name, timeout_s=600) in ("STOPPED", "FAILED")
     half = {m: len(fl.registry.versions(m)) for m in org.model_ids}
 
     # The next cycle (a job, as `fleet run` submits it) picks up what is still pending.
     next_id, next_name, _ = submit_cycle(fl, client, config_path=None, steps=STEPS)
-    assert wait_job(client, next_name, timeout_s=500) == "SUCCEEDED", client.get_job_logs(next_name)[-3000:]
+    assert wait_job(client, next_name, timeout_s=1500) == "SUCCEEDED", client.get_job_logs(next_name)[-3000:]
     out = fl.registry.get_cycle(next_id)["summary"]
     assert fl.registry.get_cycle(cycle_id)["status"] == "failed"  # marked interrupted
     killed_runs = fl.registry.list_runs(cycle_id=cycle_id)
@@ -164,7 +164,7 @@ def test_control_loop_metrics_reach_prometheus(fl, org, ray_dashboard):
         "ray_fleet_train_members_total",
         "ray_fleet_cycles_total",
     }
-    deadline, found, text = time.time() + 60, set(), ""
+    deadline, found, text = time.time() + 300, set(), ""  # bounds a failure only
     while time.time() < deadline and found != want:
         text = (
             urllib.request.urlopen(f"http://127.0.0.1:{METRICS['port']}/metrics", timeout=5).read().decode()
