@@ -377,7 +377,6 @@ def run_loop(
 ) -> list[dict]:
     """Plan and submit each cycle as the Ray job ``fleet-cycle-<n>``, wait for it, repeat."""
     from fleet._ray import ensure_ray, job_client
-    from fleet.ops.cycle import submit_cycle
 
     url = ensure_ray(fl.cfg, dashboard=True)
     if url:
