@@ -325,6 +325,9 @@ class ServeConfig(_Section):
     """Requests one company may have waiting or running, per model replica and per ingress replica (429 past it)."""
     company_inflight_limits: dict[str, int] = Field(default_factory=dict)
     """Per-company in-flight limits overriding max_inflight_per_company (company id → requests)."""
+    company_batch_share: float = Field(0.5, gt=0, le=1)
+    """Share of a decode step's rows one company may hold while another company has requests running or
+    waiting on the replica (at least one row; alone, a company may fill the batch)."""
     step_tokens: int = Field(256, ge=1)
     """Prompt tokens (prefills of joining requests and scoring passes) one decode step takes in, at least one request."""
     stream_messages_per_s: float = Field(100.0, gt=0)

@@ -74,6 +74,35 @@ def test_waiting_requests_are_taken_round_robin_across_companies(world):
     assert [j.company for j in order][:3] == ["acme", "globex", "acme"]  # second, not seventh
 
 
+def test_one_company_holds_at_most_its_share_of_the_batch_while_another_waits(world):
+    server = server_with(world, max_batch_size=4, company_batch_share=0.5, batch_wait_ms=0)
+    ids = encode_prompt(server.tokenizer, "share")
+    b = server.batcher
+
+    async def go():
+        # Alone, acme fills the batch: no row stays idle for nobody.
+        hog = [b.submit(Job(ids, [-1], 40, company="acme")) for _ in range(6)]
+        await asyncio.gather(*(j.events.get() for j in hog[:4]))
+        alone = b.running
+        # globex arrives: it gets the rows acme's finishing requests leave, acme is held to 2.
+        other = [b.submit(Job(ids, [-1], 40, company="globex")) for _ in range(3)]
+        held = []
+        while not all(j.removed for j in other):
+            await asyncio.sleep(0.005)
+            rows = [j.company for j in b._running.values()]
+            held.append((rows.count("acme"), rows.count("globex")))
+        await asyncio.gather(*(finish(j) for j in [*hog, *other]))
+        return alone, held
+
+    alone, held = run(go())
+    assert alone == 4
+    both = [h for h in held if h[1] > 0]
+    assert both and max(g for _, g in both) == 2  # globex gets its share, no more while acme waits
+    # Once acme is down to its share it never climbs back over it while globex runs.
+    first_fair = next(i for i, (a, _) in enumerate(both) if a <= 2)
+    assert all(a <= 2 for a, _ in both[first_fair:])
+
+
 def test_a_company_over_its_in_flight_limit_gets_a_429_with_a_retry_estimate(world):
     server = server_with(world, max_inflight_per_company=2, company_inflight_limits={"globex": 1})
     ids = encode_prompt(server.tokenizer, "cap")

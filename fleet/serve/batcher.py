@@ -16,6 +16,10 @@ What one tenant can take from the others is bounded here:
 - **Round-robin.** Waiting requests are kept per company and taken one company at a time, so a
   company with a thousand requests waiting delays another company's next request by one turn,
   not by a thousand.
+- **Batch share.** While more than one company has requests here, one company holds at most
+  ``company_share`` of the decode step's rows (at least one): another company's requests always
+  find a row free as the first company's rows finish, and the step they share stays small. Alone,
+  a company may fill the batch (no row is kept idle for nobody).
 - **Step budget.** A step takes in at most ``step_tokens`` prompt tokens (prefills of joining
   requests and scoring passes together; at least one request), so a flood of long prompts slows
   every running stream by a bounded amount per step.
@@ -144,6 +148,7 @@ class Batcher:
         max_inflight: int | None = None,
         inflight_overrides: dict[str, int] | None = None,
         step_tokens: int = 256,
+        company_share: float = 1.0,
         context_limit: int | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> None:
@@ -155,6 +160,7 @@ class Batcher:
         self.max_inflight = max_inflight or max_queue
         self.inflight_overrides = dict(inflight_overrides or {})
         self.step_tokens = step_tokens
+        self.company_rows = max(1, int(max_batch_size * company_share))  # rows per company, contended
         self.context_limit = context_limit
         self._on_step = on_step
         # Every token that ends a turn (Llama 3's <|eot_id|>, ChatML's <|im_end|>), as DecodeBatch does.
@@ -286,6 +292,8 @@ class Batcher:
         budget = self.step_tokens
         admit: list[Job] = []
         score: list[Job] = []
+        held = Counter(j.company for j in self._running.values())  # rows each company holds
+        cap = self.company_rows if len(held.keys() | self._queues.keys()) > 1 else self.max_batch_size
         progressed = True
         while progressed and self._queues:
             progressed = False
@@ -294,7 +302,9 @@ class Batcher:
                 job = queue[0]
                 cost = len(job.prompt_ids)
                 first = not admit and not score
-                if (not job.scoring and rows == 0) or (cost > budget and not first):
+                if not job.scoring and (rows == 0 or held[company] >= cap):
+                    continue
+                if cost > budget and not first:
                     continue
                 queue.popleft()
                 self._n_waiting -= 1
@@ -307,6 +317,7 @@ class Batcher:
                     score.append(job)
                 else:
                     rows -= 1
+                    held[company] += 1
                     admit.append(job)
                 progressed = True
         return admit, score

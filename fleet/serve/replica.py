@@ -58,6 +58,7 @@ class ModelServer:
             max_inflight=s.max_inflight_per_company,
             inflight_overrides=s.company_inflight_limits,
             step_tokens=s.step_tokens,
+            company_share=s.company_batch_share,
             context_limit=self.runtime.context_limit,
             on_step=metrics.batch_size if metrics else None,
         )
