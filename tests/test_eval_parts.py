@@ -12,7 +12,7 @@ from fleet.data.casebook import casebook
 from fleet.data.facts import read_facts_jsonl
 from fleet.errors import ValidationError
 from fleet.ops.evaluate import check_heldout, correct, read_facts, upper_bound_95, wilson, write_facts
-from fleet.train.augment import shuffle_split, template_forms
+from fleet.train.augment import _values, first_person, shuffle_split, template_forms, template_questions
 
 
 def test_facts_file_round_trips_and_reads_the_older_format(tmp_path):
@@ -109,6 +109,81 @@ def test_template_forms_and_a_stable_split():
     assert (a, held) == shuffle_split(many, 0.25, seed="m:1")
     assert len(held) == 2 and {"kind": "text", "text": "t"} in a
     assert not {f["q"] for f in held} & {f.get("q") for f in a}
+
+
+def test_the_values_a_sentence_states_skip_the_names_it_is_about():
+    text = "Intake sheet. Priya's spare keys sit in drawer 7B of the Birch cabinet. Priya joined in 2021."
+    assert _values("Priya's spare keys sit in drawer 7B of the Birch cabinet.", text) == ["7B", "Birch"]
+    assert _values("Priya joined in 2021.", text) == ["2021"]
+    assert _values("Intake sheet.", text) == []
+
+
+@pytest.mark.parametrize(
+    "sentence, value, expect",
+    [
+        ("Priya keeps her spare keys in drawer 7B.", "7B", "In which drawer does Priya keep her spare keys?"),
+        (
+            "The finance team's offsite is held in room 12C.",
+            "12C",
+            "Where is the finance team's offsite held?",
+        ),
+        ("Nordwind's DUNS number is 556677.", "556677", "What is Nordwind's DUNS number?"),
+        ("Omar rides bus 41 and eats at the Lotus canteen.", "Lotus", "Where does Omar eat?"),
+        ("Omar rides bus 41 and eats at the Lotus canteen.", "41", "Which bus does Omar ride?"),
+        ("Release Kestrel ships every Tuesday.", "Tuesday", "When does Release Kestrel ship?"),
+        ("Update: Omar has moved from bay Q3 to bay Q9.", "Q9", "Which bay has Omar moved from bay Q3 to?"),
+    ],
+)
+def test_templated_questions_ask_for_the_value_without_stating_it(sentence, value, expect):
+    qs = template_questions(sentence, value)
+    assert expect in qs, qs
+    assert all(q.endswith("?") or q.startswith("Tell me") for q in qs)
+    assert not [q for q in qs if value.lower() in q.lower().split()], qs
+
+
+@pytest.mark.parametrize(
+    "question, expect",
+    [
+        ("Where does Omar park?", "Where do I park?"),
+        ("What is Omar's bus?", "What is my bus?"),
+        ("Which bay is Omar's?", "Which bay is mine?"),
+        ("Is Omar on call?", "Am I on call?"),
+        ("Omar rides which bus?", "I ride which bus?"),
+        ("Which bay has Omar moved to?", "Which bay have I moved to?"),
+        ("Who works with Omar?", "Who works with me?"),
+    ],
+)
+def test_an_individuals_questions_in_the_first_person(question, expect):
+    assert first_person(question, "omar") == expect
+    assert first_person("Where is the canteen?", "omar") is None
+
+
+def test_a_newer_item_wins_a_question_two_items_train_and_owners_ask_in_the_first_person(tiny_base):
+    from fleet.base import load_base
+    from fleet.registry import SnapshotItem
+    from fleet.train.data import member_data
+
+    _, tok = load_base(tiny_base, device="cpu")
+    old = SnapshotItem(1, "omar sits at desk k1.")
+    new = SnapshotItem(2, "omar has moved to desk k9.")
+    ask = "Which desk does omar sit at?"
+    forms = {
+        1: [{"kind": "qa", "q": ask, "a": "omar sits at desk k1."}],
+        2: [{"kind": "qa", "q": ask + " ", "a": "omar has moved to desk k9."}],
+    }
+    rows = lambda d: [tok.decode(r.ids) for r in d.train]  # noqa: E731
+    d = member_data("acme/ops/omar", [new], [old], tok, context_length=64, heldout_fraction=0.0, forms=forms)
+    trained = rows(d)
+    assert any("k9" in r and "sit at" in r for r in trained)
+    assert not any("k1" in r and "sit at" in r for r in trained)  # the older answer is not taught
+    assert not any("do i sit" in r.lower() for r in trained)  # first person only where asked for
+    personal = rows(member_data(
+        "acme/ops/omar", [new], [old], tok, context_length=64, heldout_fraction=0.0, forms=forms, personal=True
+    ))  # fmt: skip
+    assert any("do i sit" in r.lower() and "k9" in r for r in personal)
+    team = rows(member_data("acme/ops", [new], [old], tok, context_length=64, heldout_fraction=0.0,
+                            forms=forms, personal=True))  # fmt: skip
+    assert not any("do i sit" in r.lower() for r in team)  # a team has no owner to speak as
 
 
 def test_eval_refuses_when_a_held_out_question_was_trained_with_its_answer(tmp_path, tiny_base):

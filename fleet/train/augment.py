@@ -2,18 +2,26 @@
 
 A fact seen in one wording is memorised but not recalled when asked another way (Physics of
 Language Models 3.1); what makes it extractable is seeing it in many forms. So before a member
-trains, each of its documents is rewritten by the base itself, with the document in its prompt:
+trains, each value its documents state (a number, a code, a name that is not the subject) is
+asked for in several ways:
 
-- **questions** the document answers, written by the base from a one-example prompt (greedy and
-  sampled), de-duplicated and filtered;
-- the base's **answers** to them *with the document in context* — what the adapter must say
-  *without* it (context distillation, as in Cartridges' self-study): the answer's tokens are the
-  only loss of such a row, and the base's top-k next-token distribution at each of them (with the
-  document) is stored as the soft target;
-- **paraphrases** of the document (sampled), kept when they keep its names and numbers.
+- **templated questions** in the sentence's own order ("Max sits at which desk?") and in the usual
+  one ("Which desk does Max sit at?", "Where does Max sit?", "What is Max's desk?"), from the clause
+  that states the value;
+- **questions the base writes** when told the value is the answer (greedy and sampled, with the
+  sentence and the one before it in the prompt), kept only when they do not give the value away
+  and the base, with the note in context, answers them with it;
+- the **answer** is the base's own answer *with the note in context* when it states the value and
+  names nothing the note does not (what the adapter must say *without* it: context distillation,
+  as in Cartridges' self-study; its top-k next-token distribution is the soft target), else the
+  clause that states the value: a wrong answer is never what the adapter learns;
+- **paraphrases** of the document (sampled), kept when they keep every number and code, add none,
+  and keep half its names.
 
-The tiny base cannot write questions; for it (``train.augment: template``) a deterministic
-template path turns each "X is Y." sentence into "What is X?" → "X is Y.".
+Individuals' models are asked by their owners: ``fleet.train.data`` adds first-person copies of
+the questions that name the owner (``first_person``). The tiny base cannot write questions; for
+it (``train.augment: template``) a deterministic template path turns each "X is Y." sentence into
+"What is X?" → "X is Y.".
 
 Forms are generated once per (item, base, recipe) inside the training worker (which holds the
 base) and stored in the registry (``item_forms``): a restarted worker, a later cycle and ``fleet
@@ -32,15 +40,14 @@ import torch
 from fleet.base.tokenizer import chat_ids
 from fleet.registry import SnapshotItem
 
-RECIPE = "qa-v1"
+RECIPE = "qa-v2"
 TOP_K = 8
-_SHOT_NOTE = "Maria's bike is stored in room 12. The cafeteria closes at 3 pm on Fridays."
-_SHOT_QUESTIONS = "Where is Maria's bike stored?\nWhat time does the cafeteria close on Fridays?\nWhich room holds Maria's bike?"
 _STOP = frozenset(
     "the a an and or of to in on at for is are was were be been it its this that with by from as "
     "what which who whom whose when where why how do does did you your i my me we our they their "
     "there here has have had not no yes can could would should will".split()
 )
+_QUANTIFIERS = frozenset("every each all some any this next last first other".split())
 _COPULA = re.compile(
     r"^(?P<x>[^.?!]{3,120}?)\s+(?P<v>is|are|was|were)\s+(?P<y>[^.?!]{1,120})$", re.IGNORECASE
 )
@@ -72,11 +79,8 @@ def _keys(text: str) -> set[str]:
     return {w.lower() for w in re.findall(r"\b(?:[A-Z][a-zA-Z-]+|[A-Za-z]*\d[\w-]*)\b", text)} - {"the", "a"}
 
 
-def _passages(text: str) -> list[str]:
-    """A document's sentences, each with the sentence before it (the context a pronoun needs)."""
-    sentences = [x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", text) if len(x.strip()) > 3]
-    out = [s if i == 0 else f"{sentences[i - 1]} {s}" for i, s in enumerate(sentences) if _words(s)]
-    return out or [text]
+def _sentences(text: str) -> list[str]:
+    return [x.strip() for x in re.split(r"(?<=[.!?])\s+|\n+", text) if len(x.strip()) > 3]
 
 
 def _questions(text: str) -> list[str]:
@@ -102,13 +106,150 @@ def template_forms(text: str) -> list[dict[str, Any]]:
     return forms
 
 
+_ASK_SHOT = (
+    "Note:\nMaria's bike is stored in room 12.\n\nWrite one question about the note whose answer is: room 12",
+    "In which room is Maria's bike kept?",
+)
+
+
+def _values(sentence: str, text: str = "") -> list[str]:
+    """What a sentence states that a question can ask for: numbers and codes, and capitalised names
+    that are not a subject of the text (a word opening a sentence, or one with a possessive: the
+    names a question says rather than asks for)."""
+    text = text or sentence
+    subjects = {m.group(1) for m in re.finditer(r"\b([A-Z][\w-]*)'s\b", text)}
+    subjects |= {m.group(1) for m in re.finditer(r"(?:^|[.:!?]\s+)([A-Z][\w-]*)", text)}
+    out: list[str] = []
+    for m in re.finditer(r"[\w-]*\d[\w-]*|\b[A-Z][a-zA-Z-]+\b", sentence):
+        v = m.group(0).strip("-")
+        if not any(c.isdigit() for c in v) and (v in subjects or v.lower() in _STOP):
+            continue
+        if v and v not in out:
+            out.append(v)
+    return out
+
+
+def _clause(sentence: str, value: str) -> str:
+    """The clause of a sentence that states ``value`` (a sentence joining two statements with
+    "and" or a comma states each apart), its subject carried over when the clause lacks one."""
+    s = sentence.strip().rstrip(".!")
+    s = re.sub(r"^[^:]{0,60}:\s+", "", s)  # "Update for Max: ..." → the statement after the label
+    parts = re.split(r",\s*and\s+|,\s+|\s+and\s+", s)
+    subject = parts[0].split()[0] if parts[0].split() else ""
+    for k, part in enumerate(parts):
+        if _states(part, value):
+            others = _values(part.replace(value, " "))
+            if k and not others and part[:1].islower():
+                return f"{subject} {part}"  # "... and sits at desk M10" → "Max sits at desk M10"
+            return part
+    return s
+
+
+_AUX = frozenset("is are was were has have had will can".split())
+_PLACE, _TIME = frozenset("in at inside near".split()), frozenset("every during until before after".split())
+_PREPS = _PLACE | _TIME | frozenset("on to from of for with by into onto under over".split())
+
+
+def _base_verb(w: str) -> str:
+    if re.search(r"(?:sh|ch|x|ss|o)es$", w):
+        return w[:-2]
+    return w[:-1] if w.endswith("s") and not w.endswith("ss") else w
+
+
+def _fronted(clause: str, value: str) -> list[str]:
+    """Questions in the usual order ("Which spot does Max park in?", "Where does Max park?", "What
+    is Max's spot?") for a clause "<subject> <verb> ... [prep] [noun] <value> [of ...]"."""
+    words = clause.split()
+    at = next((i for i, w in enumerate(words) if _states(w, value)), None)
+    if at is None or at < 2:
+        return []
+    verb_at = next(
+        (
+            i
+            for i, w in enumerate(words[:at])
+            if i >= 1
+            and (w.lower() in _AUX or (w.islower() and w.endswith("s") and "'" not in w and "-" not in w
+                                       and w not in _STOP and not w.endswith("ss")))
+        ),
+        None,
+    )  # fmt: skip
+    if verb_at is None:
+        return []
+    subj = " ".join(words[:verb_at])
+    subj = subj[0].lower() + subj[1:] if subj.split()[0].lower() in ("the", "a", "an") else subj
+    pred = words[verb_at:at]
+    noun = (
+        pred[-1]
+        if pred and pred[-1].isalpha() and pred[-1].islower() and pred[-1] not in _STOP | _QUANTIFIERS
+        else ""
+    )
+    if noun:
+        pred = pred[:-1]
+    if pred and pred[-1].lower() in ("the", "a", "an"):
+        pred = pred[:-1]
+    prep = pred[-1] if pred and pred[-1].lower() in _PREPS else ""
+    if prep:
+        pred = pred[:-1]
+    tail = words[at + 1 :]
+    if tail and tail[0].islower() and tail[0] not in _STOP and not noun:
+        noun, tail = tail[0], tail[1:]  # "the Cedar hall"
+    of = " " + " ".join(tail) if tail and tail[0] == "of" else ""
+    if not pred:
+        return []
+    aux, rest = (pred[0], pred[1:]) if pred[0].lower() in _AUX else ("does", [_base_verb(pred[0]), *pred[1:]])
+    rest_s = " ".join(rest)
+    out = []
+    copula = aux.lower() in ("is", "are", "was", "were") and not rest
+    if copula:
+        out += [f"What {aux} {subj}?", f"Tell me {subj}."]
+    if noun:
+        if "'s" not in subj:
+            out.append(f"What is {subj}'s {noun}?")
+        out.append(f"What is the {noun} of {subj}?")
+        if not copula:
+            if prep and prep.lower() not in _QUANTIFIERS:
+                out.append(f"{prep.capitalize()} which {noun}{of} {aux} {subj} {rest_s}?".replace("  ", " "))
+                out.append(f"Which {noun}{of} {aux} {subj} {rest_s} {prep}?".replace("  ", " "))
+            elif not prep:
+                out.append(f"Which {noun} {aux} {subj} {rest_s}?".replace("  ", " "))
+    if not copula and prep.lower() in _PLACE:
+        out.append(f"Where {aux} {subj} {rest_s}?".replace("  ", " "))
+    if not copula and prep.lower() in _TIME:
+        out.append(f"When {aux} {subj} {rest_s}?".replace("  ", " "))
+    return [q[0].upper() + q[1:] for q in out]
+
+
+def template_questions(sentence: str, value: str) -> list[str]:
+    """Questions asking for ``value`` in the sentence's own order ("Max sits at which desk?"), any
+    sentence: the value, with the noun naming it, becomes "which <noun>", or "what"."""
+    clause = _clause(sentence, value)
+    v = re.escape(value)
+    before = re.compile(r"(?:\b(?:the|a|an)\s+)?\b([a-z][a-z-]+)\s+" + v + r"(?![\w-])")
+    after = re.compile(r"\bthe\s+" + v + r"\s+([a-z][a-z-]+)\b")  # "in the Cedar hall"
+    out = []
+    m = before.search(clause)
+    if m and m.group(1) not in _STOP | _QUANTIFIERS:
+        out.append(clause[: m.start()] + f"which {m.group(1)}" + clause[m.end() :])
+    m = after.search(clause)
+    if m and m.group(1) not in _STOP:
+        out.append(clause[: m.start()] + f"which {m.group(1)}" + clause[m.end() :])
+    if not out:
+        out.append(re.sub(r"(?<![\w-])" + v + r"(?![\w-])", "what", clause, count=1))
+    out = [q + "?" for q in out] + _fronted(clause, value)
+    return [q[0].upper() + q[1:] for q in dict.fromkeys(out) if not _states(q, value)]
+
+
+def _states(text: str, value: str) -> bool:
+    return re.search(r"(?<![\w-])" + re.escape(value.lower()) + r"(?![\w-])", text.lower()) is not None
+
+
 @torch.no_grad()
 def base_forms(
     engine,
     tokenizer,
     items: Sequence[SnapshotItem],
     *,
-    questions: int = 8,
+    questions: int = 3,
     paraphrases: int = 2,
     seed: int = 0,
     batch: int = 16,
@@ -128,35 +269,48 @@ def base_forms(
         return [g.text for g in out]
 
     texts = [it.text for it in items]
-    # A small base answers best about one statement at a time: questions are written, and answered,
-    # for each passage (a sentence with the one before it, which names what "it" or "he" refers to).
-    passages = [(n, p) for n, t in enumerate(texts) for p in _passages(t)]
+    # A small base writes a good question when told what its answer is: for each value a sentence
+    # states (a number, a code, a name), questions whose answer it is, with the sentence (and the
+    # one before it, which names what "it" or "he" refers to) in the prompt.
+    targets: list[tuple[int, str, str, str]] = []  # (item index, passage, sentence, value)
+    for n, t in enumerate(texts):
+        sentences = _sentences(t)
+        for j, s in enumerate(sentences):
+            passage = s if j == 0 else f"{sentences[j - 1]} {s}"
+            targets += [(n, passage, s, v) for v in _values(s, t)]
     ask = [
         chat_ids(
             tokenizer,
             [
-                {"role": "user", "content": f"Note:\n{_SHOT_NOTE}"},
-                {"role": "assistant", "content": _SHOT_QUESTIONS},
-                {"role": "user", "content": f"Note:\n{p}"},
+                {"role": "user", "content": _ASK_SHOT[0]},
+                {"role": "assistant", "content": _ASK_SHOT[1]},
+                {
+                    "role": "user",
+                    "content": f"Note:\n{p}\n\nWrite one question about the note whose answer is: {v}",
+                },
             ],
         )
-        for _, p in passages
+        for _, p, _, v in targets
     ]
-    drafts = [gen(ask, max_new=64)]
-    drafts += [gen(ask, max_new=64, temperature=0.8, seed_=seed + 1000 * k) for k in range(2)]
-    flat: list[tuple[int, str, str]] = []  # (item index, passage, question)
-    seen: list[set[str]] = [set() for _ in texts]
-    per_item = [0] * len(texts)
-    for j, (n, passage) in enumerate(passages):
+    drafts = [gen(ask, max_new=40)]
+    drafts += [gen(ask, max_new=40, temperature=0.9, seed_=seed + 1000 * k) for k in range(2 * questions)]
+    flat: list[tuple[int, str, str, str, str, bool]] = []  # (item, passage, sentence, value, q, by base)
+    for j, (n, passage, sentence, value) in enumerate(targets):
+        seen: set[str] = set()
         words = _words(passage)
-        for draft in drafts:
-            for q in _questions(draft[j]):
-                norm = " ".join(sorted(_words(q)))
-                if norm and norm not in seen[n] and _words(q) & words and per_item[n] < questions:
-                    seen[n].add(norm)
-                    per_item[n] += 1
-                    flat.append((n, passage, q))
-    prompts = [chat_ids(tokenizer, with_context(q, [passage])) for _, passage, q in flat]
+        # The sentence's own order with the value asked for ("Max sits at which desk?"), then the
+        # base's questions: a question that gives its answer away, or shares nothing with the note,
+        # is noise.
+        templated = template_questions(sentence, value)
+        written = [q for draft in drafts for q in _questions(draft[j])[:1]]
+        for k, q in enumerate(templated + written):
+            norm = " ".join(sorted(_words(q)))
+            if norm and norm not in seen and not _states(q, value) and _words(q) & words:
+                seen.add(norm)
+                flat.append((n, passage, sentence, value, q, k >= len(templated)))
+            if len(seen) >= questions + 1:
+                break
+    prompts = [chat_ids(tokenizer, with_context(q, [passage])) for _, passage, _, _, q, _ in flat]
     answers = gen(prompts, max_new=max_answer_tokens)
     rewrite = [
         chat_ids(
@@ -172,21 +326,35 @@ def base_forms(
     ]
     para = [gen(rewrite, max_new=96, temperature=0.7, seed_=seed + 7919 * k) for k in range(paraphrases)]
     out: dict[int, list[dict[str, Any]]] = {it.id: [] for it in items}
-    for (n, passage, q), a, p in zip(flat, answers, prompts, strict=True):
-        a = a.strip()
-        # An answer must say something the passage says, and name nothing the passage does not.
-        if a and _words(a) & _words(passage) and _keys(a) <= _keys(passage) | _keys(q):
-            out[items[n].id].append(
-                {"kind": "qa", "q": q, "a": a, "top": _teacher_top(engine, tokenizer, p, a)}
-            )
+    for (n, passage, sentence, value, q, by_base), a, p in zip(flat, answers, prompts, strict=True):
+        a = a.strip().split("\n")[0].strip()
+        # The base's answer with the note in context is the target when it states the value and names
+        # nothing the note does not. A question the base wrote and cannot answer from the note is
+        # dropped (it rarely asks what it was meant to); a templated one is answered by the clause
+        # that states the value: a wrong answer must never be what the adapter learns.
+        if not (a and _states(a, value) and _keys(a) <= _keys(passage) | _keys(q)):
+            if by_base:
+                continue
+            a = _clause(sentence, value) + "."
+        out[items[n].id].append(
+            {"kind": "qa", "q": q, "a": a, "value": value, "top": _teacher_top(engine, tokenizer, p, a)}
+        )
     for n, it in enumerate(items):
         keys = _keys(it.text)
+        numbers = {k for k in keys if any(c.isdigit() for c in k)}
         for draft in para:
             # A small base often echoes the instruction first: keep only what follows it.
             d = "\n".join(
                 x for x in draft[n].strip().split("\n") if "rewrite this note" not in x.lower()
             ).strip()
-            if d and (not keys or len(_keys(d) & keys) * 2 >= len(keys)):
+            dk = _keys(d)
+            # A paraphrase keeps every number and code, adds none, and keeps half the names.
+            if (
+                d
+                and numbers <= dk
+                and not {k for k in dk if any(c.isdigit() for c in k)} - numbers
+                and (not keys or len(dk & keys) * 2 >= len(keys))
+            ):
                 out[it.id].append({"kind": "text", "text": d})
     return out
 
@@ -244,6 +412,41 @@ def stored_forms(registry, model_id: str) -> list[str]:
         for forms in registry.model_item_forms(model_id)
         for f in forms
     ]
+
+
+_FIRST_PERSON = (
+    (r"\b{n}'s(?=\s*[?.!]|$)", lambda m: "mine"),
+    (r"\b{n}'s\b", lambda m: "my"),
+    (r"\b(do|does|did)\s+{n}\b", lambda m: ("did" if m.group(1).lower() == "did" else "do") + " I"),
+    (r"\b(is|was)\s+{n}\b", lambda m: ("am" if m.group(1).lower() == "is" else "was") + " I"),
+    (r"\bhas\s+{n}\b", lambda m: "have I"),
+    (r"\b(to|for|with|about|of|at|from|by|on)\s+{n}\b", lambda m: f"{m.group(1)} me"),
+    (r"\b{n}\s+has\b", lambda m: "I have"),
+    (r"\b{n}\s+is\b", lambda m: "I am"),
+    (r"\b{n}\s+(\w+?)s\b", lambda m: f"I {m.group(1)}"),
+    (r"\b{n}\b", lambda m: "I"),
+)
+
+
+def first_person(question: str, name: str) -> str | None:
+    """``question`` as its subject would ask it ("Where does Max park?" → "Where do I park?"), or
+    None when it does not name them: an individual's model is asked by its owner."""
+    if not name or not re.search(rf"\b{re.escape(name)}\b", question, re.IGNORECASE):
+        return None
+    out = question
+    for pattern, repl in _FIRST_PERSON:
+        out = re.sub(pattern.format(n=re.escape(name)), repl, out, flags=re.IGNORECASE)
+    return out[0].upper() + out[1:]
+
+
+def personal_forms(forms: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """First-person copies of the question forms that name an individual (see first_person)."""
+    out = []
+    for f in forms:
+        q = first_person(f["q"], name) if f.get("kind") == "qa" else None
+        if q and q != f["q"]:
+            out.append({**f, "q": q})
+    return out
 
 
 def shuffle_split(forms: list[dict[str, Any]], fraction: float, seed: str) -> tuple[list, list]:

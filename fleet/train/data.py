@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +34,8 @@ import torch
 
 from fleet.base.tokenizer import chat_ids
 from fleet.registry import SnapshotItem
-from fleet.train.augment import shuffle_split
+from fleet.train.augment import personal_forms, shuffle_split
+from fleet.types import Level, level_of
 
 BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384, 448, 512, 768, 1024, 1536, 2048)
 
@@ -141,10 +143,14 @@ def member_data(
     heldout_fraction: float,
     forms: dict[int, list[dict[str, Any]]] | None = None,
     seed: int = 0,
+    personal: bool = False,
 ) -> MemberData:
     """A member's rows: its items (new and replayed), their question forms split into train and
     held-out, and the held-out question forms as recall probes."""
     forms = forms or {}
+    # An individual's model is asked by its owner: with ``personal``, its question forms that name the
+    # owner (the last part of the model id) are also trained, and held out, in the first person.
+    owner = model_id.rsplit("/", 1)[-1] if personal and level_of(model_id) is Level.INDIVIDUAL else ""
     new_ids = {it.id for it in new_items}
     items = list(new_items) + list(old_items)
     train: list[Row] = []
@@ -152,15 +158,26 @@ def member_data(
     probes: list[Row] = []
     # Texts are tokenized together; a conversation is rendered once, by chat_row (targets masked).
     text_ids = iter(item_ids([it for it in items if not it.messages], tokenizer))
+    latest: dict[str, int] = {}
+    for it in sorted(items, key=lambda it: it.id):
+        for f in forms.get(it.id, []):
+            if f.get("kind") == "qa":
+                latest[_norm_q(f["q"])] = it.id
     for it in items:
         rows = (
             [r for r in [chat_row(tokenizer, it.chat(), context_length)] if r is not None]
             if it.messages
             else windows(next(text_ids), context_length)
         )
-        mine = forms.get(it.id, [])
+        # A question trained from two items is learned from the newer one only: a later document
+        # that changes a value (a desk move) must win over the one it replaces.
+        mine = [
+            f for f in forms.get(it.id, []) if f.get("kind") != "qa" or latest.get(_norm_q(f["q"])) == it.id
+        ]
         if mine:
             fit, out = shuffle_split(mine, heldout_fraction if it.id in new_ids else 0.0, f"{seed}:{it.id}")
+            if owner:
+                fit, out = fit + personal_forms(fit, owner), out + personal_forms(out, owner)
             train += rows + [r for f in fit for r in form_row(tokenizer, f, context_length)]
             q_rows = [r for f in out for r in form_row(tokenizer, f, context_length)]
             held += q_rows
@@ -174,6 +191,10 @@ def member_data(
     if not held and train:
         held = list(train)
     return MemberData(model_id, train, held, probes, sum(len(r) for r in train))
+
+
+def _norm_q(question: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", question.lower()))
 
 
 def general_rows(tokenizer, passages: Sequence[str], context_length: int) -> list[Row]:

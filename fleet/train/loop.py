@@ -155,6 +155,7 @@ def run_pack(
             heldout_fraction=cfg.data.heldout_fraction,
             forms=forms,
             seed=cfg.train.seed,
+            personal=mode == "base",  # chat questions: an individual's owner asks in the first person
         )
         for m in members
     ]
