@@ -204,4 +204,16 @@ def test_eval_refuses_when_a_held_out_question_was_trained_with_its_answer(tmp_p
     check_heldout(fl, [fair], ["acme/ops/dana"])
     with pytest.raises(ValidationError, match="held-out question"):
         check_heldout(fl, [leaky], ["acme/ops/dana"])
+    # A generated form trains a first-person copy for the owner's model: the audit sees it too.
+    (item,) = fl.registry.items("acme/ops/dana")
+    fl.registry.add_item_forms(
+        {item["id"]: [{"kind": "qa", "q": "Which bus does Dana ride?", "a": "Dana rides bus 41."}]},
+        base_model="b",
+        recipe="r",
+    )
+    (mine,) = read_facts_jsonl(
+        json.dumps({"model": "acme/ops/dana", "questions": ["Which bus do I ride?"], "answer": "41"})
+    )
+    with pytest.raises(ValidationError, match="held-out question"):
+        check_heldout(fl, [mine], ["acme/ops/dana"])
     fl.close()

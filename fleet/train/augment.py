@@ -405,13 +405,15 @@ def _recipe(mode: str) -> str:
 
 
 def stored_forms(registry, model_id: str) -> list[str]:
-    """The text of every stored training row made from a model's items (what ``fleet eval`` audits):
-    a question form is one row holding the question and its answer."""
-    return [
-        f"{f['q']}\n{f['a']}" if f.get("kind") == "qa" else f.get("text", "")
-        for forms in registry.model_item_forms(model_id)
-        for f in forms
-    ]
+    """The text of every training row made from a model's items (what ``fleet eval`` audits): a
+    question form is one row holding the question and its answer; an individual's model also has
+    the first-person copies training may add (see ``fleet.train.data.member_data``)."""
+    from fleet.types import Level, level_of
+
+    forms = [f for fs in registry.model_item_forms(model_id) for f in fs]
+    if level_of(model_id) is Level.INDIVIDUAL:
+        forms += personal_forms(forms, model_id.rsplit("/", 1)[-1])
+    return [f"{f['q']}\n{f['a']}" if f.get("kind") == "qa" else f.get("text", "") for f in forms]
 
 
 _FIRST_PERSON = (
