@@ -217,3 +217,19 @@ def test_eval_refuses_when_a_held_out_question_was_trained_with_its_answer(tmp_p
     with pytest.raises(ValidationError, match="held-out question"):
         check_heldout(fl, [mine], ["acme/ops/dana"])
     fl.close()
+
+
+def test_a_held_out_question_is_judged_on_the_value_its_answer_states(tiny_base):
+    from fleet.base import load_base
+    from fleet.train.data import form_row, value_probe
+
+    _, tok = load_base(tiny_base, device="cpu")
+    form = {"kind": "qa", "q": "Which desk does omar use?", "a": "omar sits at desk k9 by the window."}
+    (row,) = form_row(tok, form, 64)
+    probe = value_probe(tok, row, "k9")
+    picked = [t for t, m in enumerate(probe.mask) if m]
+    assert picked and sum(probe.mask) < sum(row.mask)  # narrower than the whole answer
+    assert "k9" in tok.decode([row.ids[t] for t in picked]).lower()
+    assert picked == list(range(picked[0], picked[-1] + 1))  # one run of tokens
+    assert set(picked) <= {t for t, m in enumerate(row.mask) if m}  # inside the answer
+    assert value_probe(tok, row, "z7") == row and value_probe(tok, row, None) == row

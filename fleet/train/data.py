@@ -133,6 +133,27 @@ def form_row(tokenizer, form: dict[str, Any], context_length: int) -> list[Row]:
     return windows([t for t in ids if t is not None], context_length)
 
 
+def value_probe(tokenizer, row: Row, value: str | None) -> Row:
+    """A held-out question row judged on its value: the targets narrowed to the shortest run of
+    answer tokens that spells ``value`` (a long answer need not match word for word to give the
+    fact); the whole answer where the form names no value or the answer does not spell it."""
+    if not value or row.mask is None:
+        return row
+    at = [t for t, m in enumerate(row.mask) if m]
+    best: tuple[int, int] | None = None
+    for i, start in enumerate(at):
+        for end in at[i:]:
+            if best is not None and end - start >= best[1] - best[0]:
+                break
+            if value.lower() in tokenizer.decode(list(row.ids[start : end + 1])).lower():
+                best = (start, end)
+                break
+    if best is None:
+        return row
+    mask = tuple(1 if best[0] <= t <= best[1] else 0 for t in range(len(row.ids)))
+    return Row(row.ids, mask, None, row.general)
+
+
 def member_data(
     model_id: str,
     new_items: Sequence[SnapshotItem],
@@ -179,9 +200,9 @@ def member_data(
             if owner:
                 fit, out = fit + personal_forms(fit, owner), out + personal_forms(out, owner)
             train += rows + [r for f in fit for r in form_row(tokenizer, f, context_length)]
-            q_rows = [r for f in out for r in form_row(tokenizer, f, context_length)]
-            held += q_rows
-            probes += q_rows
+            q_rows = [(f, r) for f in out for r in form_row(tokenizer, f, context_length)]
+            held += [r for _, r in q_rows]
+            probes += [value_probe(tokenizer, r, f.get("value")) for f, r in q_rows]
         elif it.id in new_ids and _is_heldout(it.id, it.text, heldout_fraction):
             held += rows
         else:
