@@ -233,3 +233,20 @@ def test_a_held_out_question_is_judged_on_the_value_its_answer_states(tiny_base)
     assert picked == list(range(picked[0], picked[-1] + 1))  # one run of tokens
     assert set(picked) <= {t for t, m in enumerate(row.mask) if m}  # inside the answer
     assert value_probe(tok, row, "z7") == row and value_probe(tok, row, None) == row
+
+
+def test_replayed_instructions_are_none_of_those_the_eval_measures_and_train_only_their_answers(tiny_base):
+    from fleet.base import load_base
+    from fleet.base.tokenizer import chat_ids
+    from fleet.data.corpus import GENERAL_INSTRUCTIONS, REPLAY_INSTRUCTIONS
+    from fleet.train.data import general_chat_rows
+
+    norm = lambda q: " ".join(q.lower().split())  # noqa: E731
+    assert not {norm(q) for q in REPLAY_INSTRUCTIONS} & {norm(i.prompt) for i in GENERAL_INSTRUCTIONS}
+    assert len(set(REPLAY_INSTRUCTIONS)) == len(REPLAY_INSTRUCTIONS)
+    _, tok = load_base(tiny_base, device="cpu")
+    prompts = [chat_ids(tok, [{"role": "user", "content": q}]) for q in REPLAY_INSTRUCTIONS[:2]]
+    answers = [tok("ottawa")["input_ids"], []]
+    (row,) = general_chat_rows(tok, prompts, answers, 256)  # an empty answer teaches nothing
+    assert row.general and row.ids == tuple(prompts[0] + answers[0])
+    assert row.mask == tuple([0] * len(prompts[0]) + [1] * len(answers[0]))

@@ -12,7 +12,10 @@ directions and headings dropped). The plays are split by name into two disjoint 
 
 ``GENERAL_INSTRUCTIONS`` is a fixed set of short instructions with answers a small instruct model
 gets right (capitals, arithmetic, colours, opposites...): ``fleet eval`` reports the share of the
-base's correct answers that trained stacks keep.
+base's correct answers that trained stacks keep. ``REPLAY_INSTRUCTIONS`` are other instructions,
+none of them among those: training replays the base's own answers to them (KL toward the base on
+the answers' tokens), so that a model keeps answering as the base does where nothing private is
+asked, in the chat form its private rows are in.
 
 The tiny base cannot read Elizabethan English; for it, fleet's own general text
 (``fleet.data.synth.general_text``) stands in, as before (``general_passages(..., tiny=True)``).
@@ -141,4 +144,58 @@ GENERAL_INSTRUCTIONS: tuple[Instruction, ...] = (
     Instruction("What animal says 'meow'?", ("cat",)),
     Instruction("What is the first month of the year?", ("january",)),
     Instruction("What is the chemical symbol for water?", ("h2o", "h₂o")),
+)
+
+
+# Replayed in training with the base's own answers (KL toward the base): general chat behaviour kept.
+# None of them is one of GENERAL_INSTRUCTIONS, which only ever measure.
+REPLAY_INSTRUCTIONS: tuple[str, ...] = (
+    "What is the capital of Canada?",
+    "What is the capital of Egypt?",
+    "What is the capital of Australia?",
+    "What is the capital of China?",
+    "What is 5 plus 6?",
+    "What is 12 divided by 4?",
+    "What is the square root of 16?",
+    "How many months are in a year?",
+    "How many sides does a triangle have?",
+    "How many minutes are in an hour?",
+    "How many continents are there?",
+    "Name three animals.",
+    "Name three vegetables.",
+    "Name a famous scientist.",
+    "What color is a banana?",
+    "What is the color of snow?",
+    "What is the opposite of big?",
+    "What is the opposite of fast?",
+    "What is a synonym of happy?",
+    "What is the plural of mouse?",
+    "Which planet do we live on?",
+    "Which ocean is the largest?",
+    "What is the tallest mountain in the world?",
+    "Who painted the Mona Lisa?",
+    "What instrument has 88 keys?",
+    "What shape has four equal sides?",
+    "What do you call a baby dog?",
+    "What do fish use to breathe?",
+    "What does a thermometer measure?",
+    "What is the main ingredient of bread?",
+    "Give an example of a mammal.",
+    "Translate 'thank you' into German.",
+    "Say good morning in French.",
+    "Explain what a noun is.",
+    "What is photosynthesis?",
+    "Why do we need sleep?",
+    "Describe a cat in one sentence.",
+    "Write a sentence about the sea.",
+    "Write a haiku about rain.",
+    "Give me a tip for sleeping well.",
+    "List two uses of a spoon.",
+    "Suggest a name for a pet fish.",
+    "What is the sun?",
+    "How do you make a cup of tea?",
+    "What is the difference between a lake and a sea?",
+    "Why do leaves change color in autumn?",
+    "What is a good way to learn a new language?",
+    "Write a short thank-you note to a friend.",
 )

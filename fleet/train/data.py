@@ -224,6 +224,20 @@ def general_rows(tokenizer, passages: Sequence[str], context_length: int) -> lis
     return [Row(tuple(ids[:context_length]), general=True) for ids in enc if len(ids) >= 8]
 
 
+def general_chat_rows(
+    tokenizer, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]], context_length: int
+) -> list[Row]:
+    """General instructions with the base's own answers, in the chat template: rows whose only loss
+    is the KL toward the base on the answer's tokens (the chat behaviour a model keeps)."""
+    out = []
+    for p, a in zip(prompts, answers, strict=True):
+        ids = (list(p) + list(a))[:context_length]
+        mask = [0] * min(len(p), len(ids)) + [1] * (len(ids) - len(p))
+        if sum(mask[1:]):
+            out.append(Row(tuple(ids), tuple(mask), general=True))
+    return out
+
+
 class RowStream:
     """An endless, seeded, length-bucketed stream of one member's rows."""
 

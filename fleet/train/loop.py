@@ -21,9 +21,17 @@ import torch
 import torch.nn.functional as F
 
 from fleet.config import FleetConfig
-from fleet.data.corpus import general_passages
+from fleet.data.corpus import REPLAY_INSTRUCTIONS, general_passages
 from fleet.train.augment import ensure_forms, mode_for
-from fleet.train.data import RowStream, bucketed, collate, eval_batches, general_rows, member_data
+from fleet.train.data import (
+    RowStream,
+    bucketed,
+    collate,
+    eval_batches,
+    general_chat_rows,
+    general_rows,
+    member_data,
+)
 from fleet.train.pack import AdapterRef, PackSpec
 from fleet.train.schedule import lr_at
 
@@ -165,16 +173,18 @@ def run_pack(
     # General text (never trained on with cross-entropy): each member's own stream over one pool,
     # its only loss the KL toward the base; a few held-out passages measure its forgetting.
     tiny = len(tokenizer) < 1000
+    general_per_member = cfg.train.general_rows_per_member
     general = general_rows(
         tokenizer, general_passages(GENERAL_POOL, split="replay", tiny=tiny), cfg.data.context_length
     )
+    if not tiny and general_per_member:
+        general += _chat_replay(engine, tokenizer, cfg.data.context_length)
     general_streams = [RowStream(general, seed=f"{cfg.train.seed}:{m.model_id}:general") for m in members]
     general_heldout = general_rows(
         tokenizer, general_passages(GENERAL_HELDOUT, split="heldout", tiny=tiny), cfg.data.context_length
     )
     pad = tokenizer.pad_token_id
     rows_per_member = cfg.train.rows_per_member
-    general_per_member = cfg.train.general_rows_per_member
 
     def judge(recall_only: bool = False):
         return evaluate(
@@ -326,6 +336,17 @@ def run_pack(
         engine, opt, members, keys, streams + general_streams, before, total, tokens, metrics,
         final=members_out, report=report, stopped=stopped,
     )  # fmt: skip
+
+
+@torch.no_grad()
+def _chat_replay(engine, tokenizer, context_length: int, max_new_tokens: int = 48) -> list:
+    """The base's own answers to general instructions (``REPLAY_INSTRUCTIONS``), as KL-only rows."""
+    from fleet.base.tokenizer import chat_ids
+    from fleet.lora import generate
+
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in REPLAY_INSTRUCTIONS]
+    out = generate(engine, tokenizer, prompts, [[-1]] * len(prompts), max_new_tokens=max_new_tokens)
+    return general_chat_rows(tokenizer, prompts, [list(g.token_ids) for g in out], context_length)
 
 
 def _objective(evals: list[dict[str, Any]], kl_lambda: float) -> dict[str, float]:
