@@ -250,3 +250,15 @@ def test_replayed_instructions_are_none_of_those_the_eval_measures_and_train_onl
     (row,) = general_chat_rows(tok, prompts, answers, 256)  # an empty answer teaches nothing
     assert row.general and row.ids == tuple(prompts[0] + answers[0])
     assert row.mask == tuple([0] * len(prompts[0]) + [1] * len(answers[0]))
+
+
+def test_a_document_joined_to_the_context_above_it_states_two_hop_facts_directly():
+    from fleet.train.augment import bridges
+
+    own = "Omar rides bus 41 to work. Omar's locker is 7."
+    team = ["Transit notes. Bus 41 stops at Elm street every ten minutes, and bus 9 stops at Oak road."]
+    assert bridges(own, team) == ["Omar's bus stops at Elm street every ten minutes."]
+    assert bridges(own, ["Bus 52 stops at Elm street."]) == []  # nothing joins
+    assert bridges("Omar rides bus 41.", []) == []
+    qs = template_questions("Omar's bus stops at Elm street every ten minutes.", "Elm")
+    assert any("Omar's bus" in q for q in qs), qs

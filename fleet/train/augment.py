@@ -15,8 +15,11 @@ asked for in several ways:
   names nothing the note does not (what the adapter must say *without* it: context distillation,
   as in Cartridges' self-study; its top-k next-token distribution is the soft target), else the
   clause that states the value: a wrong answer is never what the adapter learns;
-- **paraphrases** of the document (sampled), kept when they keep every number and code, add none,
-  and keep half its names.
+- **paraphrases** of the document (sampled), kept when they keep every name, number and code, add
+  no number, and are not much longer than it;
+- **joins** to the context above the model (``bridges``): "Max works on project Falcon" and the
+  team's "Project Falcon deploys every Thursday" give "Max's project deploys every Thursday", a
+  two-hop fact the adapter can then be asked for directly.
 
 Individuals' models are asked by their owners: ``fleet.train.data`` adds first-person copies of
 the questions that name the owner (``first_person``). The tiny base cannot write questions; for
@@ -156,13 +159,11 @@ def _base_verb(w: str) -> str:
     return w[:-1] if w.endswith("s") and not w.endswith("ss") else w
 
 
-def _fronted(clause: str, value: str) -> list[str]:
-    """Questions in the usual order ("Which spot does Max park in?", "Where does Max park?", "What
-    is Max's spot?") for a clause "<subject> <verb> ... [prep] [noun] <value> [of ...]"."""
-    words = clause.split()
+def _parse(words: list[str], value: str) -> tuple[int | None, int | None]:
+    """(index of the word stating ``value``, index of the clause's verb before it) or Nones."""
     at = next((i for i, w in enumerate(words) if _states(w, value)), None)
     if at is None or at < 2:
-        return []
+        return None, None
     verb_at = next(
         (
             i
@@ -173,7 +174,48 @@ def _fronted(clause: str, value: str) -> list[str]:
         ),
         None,
     )  # fmt: skip
-    if verb_at is None:
+    return at, verb_at
+
+
+def bridges(text: str, context: Sequence[str]) -> list[str]:
+    """Sentences joining a document to the context above it (its team's and company's documents):
+    where a sentence names a value through a noun ("Max works on project Lantern") and a context
+    sentence states something of that value ("Project Lantern deploys every Thursday"), the latter
+    said of the subject's noun ("Max's project deploys every Thursday"): a two-hop fact becomes a
+    fact the adapter can be asked for directly."""
+    out: list[str] = []
+    for sentence in _sentences(text):
+        for value in _values(sentence, text):
+            clause = _clause(sentence, value)
+            words = clause.split()
+            at, verb_at = _parse(words, value)
+            if at is None or verb_at is None or at - 1 <= verb_at:
+                continue
+            noun = words[at - 1]
+            if not (noun.isalpha() and noun.islower()) or noun in _STOP | _QUANTIFIERS | _PREPS:
+                continue
+            subject = " ".join(words[:verb_at])
+            if "'" in subject or len(subject.split()) > 4:
+                continue
+            link = f"{subject}'s {noun}"
+            pattern = re.compile(rf"(?:\b{re.escape(noun)}\s+)?(?<![\w-]){re.escape(value)}(?![\w-])", re.I)
+            for other in context:
+                for s2 in _sentences(other):
+                    if not _states(s2, value):
+                        continue
+                    joined = pattern.sub(link, _clause(s2, value), count=1)
+                    joined = joined[0].upper() + joined[1:] + "."
+                    if joined not in out and joined.lower() != f"{link}.".lower():
+                        out.append(joined)
+    return out
+
+
+def _fronted(clause: str, value: str) -> list[str]:
+    """Questions in the usual order ("Which spot does Max park in?", "Where does Max park?", "What
+    is Max's spot?") for a clause "<subject> <verb> ... [prep] [noun] <value> [of ...]"."""
+    words = clause.split()
+    at, verb_at = _parse(words, value)
+    if at is None or verb_at is None:
         return []
     subj = " ".join(words[:verb_at])
     subj = subj[0].lower() + subj[1:] if subj.split()[0].lower() in ("the", "a", "an") else subj
@@ -254,8 +296,11 @@ def base_forms(
     seed: int = 0,
     batch: int = 16,
     max_answer_tokens: int = 48,
+    context: dict[int, Sequence[str]] | None = None,
 ) -> dict[int, list[dict[str, Any]]]:
-    """Forms written by the base (no adapter) for each item: see the module docstring."""
+    """Forms written by the base (no adapter) for each item: see the module docstring. ``context``:
+    item id → the texts above the item's model (its team's and company's documents), for the
+    sentences that join the two (``bridges``)."""
     from fleet.lora import generate
 
     def gen(prompts, *, max_new, temperature=0.0, seed_=0):
@@ -269,6 +314,7 @@ def base_forms(
         return [g.text for g in out]
 
     texts = [it.text for it in items]
+    joined = [bridges(it.text, (context or {}).get(it.id, ())) for it in items]
     # A small base writes a good question when told what its answer is: for each value a sentence
     # states (a number, a code, a name), questions whose answer it is, with the sentence (and the
     # one before it, which names what "it" or "he" refers to) in the prompt.
@@ -278,6 +324,9 @@ def base_forms(
         for j, s in enumerate(sentences):
             passage = s if j == 0 else f"{sentences[j - 1]} {s}"
             targets += [(n, passage, s, v) for v in _values(s, t)]
+        # Two-hop facts made one-hop: this document's values joined to the context above it.
+        for b in joined[n]:
+            targets += [(n, b, b, v) for v in _values(b, b)]
     ask = [
         chat_ids(
             tokenizer,
@@ -340,6 +389,7 @@ def base_forms(
             {"kind": "qa", "q": q, "a": a, "value": value, "top": _teacher_top(engine, tokenizer, p, a)}
         )
     for n, it in enumerate(items):
+        out[it.id] += [{"kind": "text", "text": b} for b in joined[n]]
         keys = _keys(it.text)
         numbers = {k for k in keys if any(c.isdigit() for c in k)}
         for draft in para:
@@ -348,12 +398,13 @@ def base_forms(
                 x for x in draft[n].strip().split("\n") if "rewrite this note" not in x.lower()
             ).strip()
             dk = _keys(d)
-            # A paraphrase keeps every number and code, adds none, and keeps half the names.
+            # A paraphrase keeps every name, number and code, adds no number, and is not much longer
+            # than the note (a small base's long rewrites invent what the note never said).
             if (
                 d
-                and numbers <= dk
+                and keys <= dk
                 and not {k for k in dk if any(c.isdigit() for c in k)} - numbers
-                and (not keys or len(dk & keys) * 2 >= len(keys))
+                and len(d) <= 1.5 * len(it.text) + 20
             ):
                 out[it.id].append({"kind": "text", "text": d})
     return out
@@ -380,10 +431,19 @@ def _teacher_top(engine, tokenizer, prompt: list[int], answer: str) -> list[list
 
 
 def ensure_forms(
-    registry, engine, tokenizer, items: Sequence[SnapshotItem], *, base_model: str, mode: str, seed: int = 0
+    registry,
+    engine,
+    tokenizer,
+    items: Sequence[SnapshotItem],
+    *,
+    base_model: str,
+    mode: str,
+    seed: int = 0,
+    context: dict[int, Sequence[str]] | None = None,
 ):
     """Forms of every augmentable item (documents, feedback): stored ones read, missing ones
-    generated and stored (first write wins). Returns item id → forms."""
+    generated and stored (first write wins: an item's joins to the context above it are those of
+    the context when its forms were written). Returns item id → forms."""
     todo = [it for it in items if it.kind != "conversation"]
     if mode == "off" or not todo:
         return {}
@@ -391,7 +451,7 @@ def ensure_forms(
     missing = [it for it in todo if it.id not in have]
     if missing:
         made = (
-            base_forms(engine, tokenizer, missing, seed=seed)
+            base_forms(engine, tokenizer, missing, seed=seed, context=context)
             if mode == "base"
             else {it.id: template_forms(it.text) for it in missing}
         )

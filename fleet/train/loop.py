@@ -34,6 +34,7 @@ from fleet.train.data import (
 )
 from fleet.train.pack import AdapterRef, PackSpec
 from fleet.train.schedule import lr_at
+from fleet.types import lineage
 
 RESULT_FILE = "result.json"
 GENERAL_POOL, GENERAL_HELDOUT = 64, 4  # general-text passages: replayed per pack / measured per member
@@ -144,6 +145,17 @@ def run_pack(
     mode = mode_for(cfg, tokenizer)
     if progress is not None and mode == "base":
         progress.update.remote(spec.name, {"phase": "augment", "pid": os.getpid()})
+    above = {}  # each member's items → the documents of its lineage above it (team, company)
+    if mode == "base":
+        for m in members:
+            texts = [
+                it["text"]
+                for a in lineage(m.model_id)[:-1]
+                for it in fl.registry.items(a)
+                if it["kind"] != "conversation"
+            ]
+            for it in (*snaps[m.model_id].new_items, *snaps[m.model_id].old_items):
+                above[it.id] = texts
     forms = ensure_forms(
         fl.registry,
         engine,
@@ -152,6 +164,7 @@ def run_pack(
         base_model=cfg.base.name,
         mode=mode,
         seed=cfg.train.seed,
+        context=above,
     )
     data = [
         member_data(
