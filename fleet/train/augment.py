@@ -43,7 +43,7 @@ import torch
 from fleet.base.tokenizer import chat_ids
 from fleet.registry import SnapshotItem
 
-RECIPE = "qa-v2"
+RECIPE = "qa-v3"
 TOP_K = 8
 _STOP = frozenset(
     "the a an and or of to in on at for is are was were be been it its this that with by from as "
