@@ -223,3 +223,25 @@ def _wait_healthy(url: str) -> None:
         except OSError:
             pass
         time.sleep(0.5)
+
+
+def test_the_base_writes_forms_that_state_their_values_and_replays_its_own_general_answers(smollm2, tmp_path):
+    from fleet.lora.build import build_engine
+    from fleet.ops.evaluate import _positions
+    from fleet.registry import SnapshotItem
+    from fleet.train.augment import base_forms
+    from fleet.train.loop import _chat_replay
+
+    cfg = make_config(tmp_path, smollm2)
+    engine, tok = build_engine(cfg, slots=1, device="cpu", path=smollm2)
+    doc = SnapshotItem(7, "Ann works on project Heron. Ann's locker number is 417.")
+    above = ["Team wiki. Project Heron ships every Friday, and project Wren ships every Monday."]
+    forms = base_forms(engine, tok, [doc], questions=1, paraphrases=1, context={7: above})[7]
+    qa = [f for f in forms if f["kind"] == "qa"]
+    assert {f["value"] for f in qa} >= {"Heron", "417", "Friday"}  # Friday: the join to the wiki
+    for f in qa:  # every answer states its value; no question gives it away
+        assert _positions(f["a"], f["value"]) and not _positions(f["q"], f["value"]), f
+        assert len(f["top"]) >= 1
+    assert {"kind": "text", "text": "Ann's project ships every Friday."} in forms
+    rows = _chat_replay(engine, tok, 256, max_new_tokens=8)
+    assert len(rows) >= 40 and all(r.general and r.mask[0] == 0 and r.targets > 0 for r in rows)

@@ -190,9 +190,12 @@ def run_pack(
     general = general_rows(
         tokenizer, general_passages(GENERAL_POOL, split="replay", tiny=tiny), cfg.data.context_length
     )
-    if not tiny and general_per_member:
-        general += _chat_replay(engine, tokenizer, cfg.data.context_length)
     general_streams = [RowStream(general, seed=f"{cfg.train.seed}:{m.model_id}:general") for m in members]
+    # On a real base, the base's own answers to general instructions too (chat form, as the private
+    # rows are): each member replays as many of them per step as of general text.
+    if not tiny and general_per_member:
+        chat = _chat_replay(engine, tokenizer, cfg.data.context_length)
+        general_streams += [RowStream(chat, seed=f"{cfg.train.seed}:{m.model_id}:chat") for m in members]
     general_heldout = general_rows(
         tokenizer, general_passages(GENERAL_HELDOUT, split="heldout", tiny=tiny), cfg.data.context_length
     )
@@ -230,7 +233,8 @@ def run_pack(
         cd_w = torch.tensor([m.learning_schedule.distill_weight for m in members], device=device)
         for i in active:
             if general_per_member and members[i].kl_weight > 0:
-                rows[i] = rows[i] + general_streams[i].take(general_per_member)
+                for stream in general_streams[i :: len(members)]:  # general text, then chat replay
+                    rows[i] = rows[i] + stream.take(general_per_member)
         # Each member's own means: a member with long rows does not outweigh one with short.
         n_M = torch.zeros(len(members), device=device)
         g_M = torch.zeros(len(members), device=device)
