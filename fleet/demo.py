@@ -40,6 +40,7 @@ DEMO_KEY_NAME = "fleet-demo"  # the API keys `fleet demo` makes for itself (and 
 BASES = ("tiny", "smollm2")
 # The real base's demo: one company, one team of four, trained until they answer held-out questions.
 REAL_STEPS, REAL_LR, REAL_ROWS = 32, 2e-3, 3
+REAL_REPLAY = 0.75  # share of old items in a real base's continual runs (the tiers' default: 0.25)
 TINY_MAX_GENERAL_DNLL = 1.0
 
 
@@ -80,9 +81,12 @@ def demo_config(cfg: FleetConfig, base: str = "tiny") -> FleetConfig:
     for tier in cfg.tiers.values():
         tier.min_interval_s = 0.0  # the demo's second cycle follows the first at once
         # Fewer steps at a higher rate than the tiers' defaults: the demo's cycles fit on two CPUs.
-        tier.schedule = tier.schedule.model_copy(
-            update={"steps": steps, "lr": lr, "warmup_steps": min(tier.schedule.warmup_steps, 2)}
-        )
+        update = {"steps": steps, "lr": lr, "warmup_steps": min(tier.schedule.warmup_steps, 2)}
+        if base != "tiny":
+            # A real base's later cycles are small (one note that moves a desk): old items make up
+            # most of the data, so that an update does not wash out the facts it leaves alone.
+            update["replay_fraction"] = REAL_REPLAY
+        tier.schedule = tier.schedule.model_copy(update=update)
         if base == "tiny":
             # The tiny base's general text is the very text it was pre-trained on, which any
             # fine-tune of a 4M-parameter model moves: the real-base cap would freeze every model.
