@@ -195,6 +195,10 @@ def test_eval_trained_beats_base(fl, facts, untrained_eval, ray_dashboard):
     assert after["recall_heldout"] > base["rate"] + 0.2
     assert after["token_ratio_vs_full_context"] > 1.5 and after["token_ratio_vs_bm25_top3"] > 1.0
     assert after["leak_rate"] <= 0.25 and after["leak_trials"] > 0
+    # Every leak counted is listed with the model that said it, outside its owner's subtree.
+    assert len(after["leak_hits"]) == round(after["leak_rate"] * after["leak_trials"])
+    for hit in after["leak_hits"]:
+        assert not hit["model"].startswith(hit["owner"]) and hit["reply"], hit
     assert abs(after["general_dnll_nats"]) < 1.0
     lo, hi = trained["ci95"]
     assert lo <= trained["rate"] <= hi

@@ -187,11 +187,22 @@ def evaluate(
     personal = [f for f in facts if f.kind == "personal" and f.model in askers]
     cases = [f for f in facts if f.model in askers and f.kind != "personal"]
     check_heldout(fl, cases, askers)
-    # Leak probes: models outside the owner's subtree, by relation.
+    own: dict[str, list[str]] = {}  # each model's own item texts, read once (parents are shared)
+
+    def visible(model: str) -> list[str]:
+        for m in lineage(model):
+            if m not in own:
+                own[m] = [it["text"] for it in fl.registry.items(m)]
+        return [t for m in lineage(model) for t in own[m]]
+
+    # Leak probes: models outside the owner's subtree, by relation; a model whose own visible
+    # context states the answer (a teammate's project ships the same day) is entitled to it, so it
+    # is no probe of that fact.
     everyone = sorted(known)
     leak_asks: list[tuple[str, _Ask]] = []
     for f in cases + personal:
         for relation, pool in _outsiders(f, everyone).items():
+            pool = [m for m in pool if not any(_positions(t, f.answer) for t in visible(m))]
             for m in rng.sample(pool, min(leak_per_fact, len(pool))):
                 leak_asks.append((relation, _Ask(f, f.questions[0], m)))
     stack_models = sorted(set(askers) | {a.model for _, a in leak_asks})
@@ -205,14 +216,6 @@ def evaluate(
     base_row = [-1, -1, -1]
     window = context_window(engine.model.config) or 4096
     say = progress or (lambda msg: None)
-
-    own: dict[str, list[str]] = {}  # each model's own item texts, read once (parents are shared)
-
-    def visible(model: str) -> list[str]:
-        for m in lineage(model):
-            if m not in own:
-                own[m] = [it["text"] for it in fl.registry.items(m)]
-        return [t for m in lineage(model) for t in own[m]]
 
     def prompt(a: _Ask) -> list[int]:
         if a.fact.form == "completion":  # a prefix to continue (a base without chat)
@@ -303,6 +306,13 @@ def evaluate(
     for relation in ("cross_company", "cross_team", "teammate"):
         hits = [correct(t, a.fact) for (r, a), t in zip(leak_asks, leak_texts, strict=True) if r == relation]
         leak[relation] = {**rate(sum(hits), len(hits)), "upper95": upper_bound_95(sum(hits), len(hits))}
+    # Each leak found, with what to look at: whose fact, which model said it, and how.
+    out["leak_hits"] = [
+        {"relation": r, "fact": a.fact.id, "kind": a.fact.kind, "owner": a.fact.owner, "model": a.model,
+         "question": a.question, "reply": t}
+        for (r, a), t in zip(leak_asks, leak_texts, strict=True)
+        if correct(t, a.fact)
+    ]  # fmt: skip
     total_hits = sum(v["hits"] for v in leak.values())
     total = sum(v["trials"] for v in leak.values())
     out["leakage"] = leak
