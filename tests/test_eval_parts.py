@@ -262,30 +262,3 @@ def test_a_document_joined_to_the_context_above_it_states_two_hop_facts_directly
     assert bridges("Omar rides bus 41.", []) == []
     qs = template_questions("Omar's bus stops at Elm street every ten minutes.", "Elm")
     assert any("Omar's bus" in q for q in qs), qs
-
-
-def test_a_later_item_that_replaces_a_value_answers_the_questions_that_asked_for_it():
-    from fleet.registry import SnapshotItem
-    from fleet.train.augment import supersede
-
-    old = SnapshotItem(3, "Omar rides bus 41 and sits at desk K1.")
-    new = SnapshotItem(9, "Note: Omar has switched from desk K1 to desk K7 this week.")
-    forms = {
-        3: [
-            {
-                "kind": "qa",
-                "q": "Omar sits at which desk?",
-                "a": "Omar sits at desk K1.",
-                "value": "K1",
-                "top": [[0]],
-            },
-            {"kind": "qa", "q": "Which bus does Omar ride?", "a": "Omar rides bus 41.", "value": "41"},
-        ],
-        9: [{"kind": "qa", "q": "Omar has switched to which desk?", "a": "…", "value": "K7"}],
-    }
-    out = supersede([new, old], forms)
-    desk, bus = out[3]
-    assert desk["q"] == "Omar sits at which desk?" and desk["value"] == "K7" and desk["top"] is None
-    assert desk["a"].index("K7") > desk["a"].index("K1")  # the new value is the last one said
-    assert bus == forms[3][1] and out[9] == forms[9]  # nothing else is touched
-    assert supersede([old], forms)[3] == forms[3]  # without the later note, nothing is replaced

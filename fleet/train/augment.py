@@ -511,36 +511,6 @@ def personal_forms(forms: list[dict[str, Any]], name: str) -> list[dict[str, Any
     return out
 
 
-_REPLACED = r"\bfrom\s+(?:the\s+)?(?:[a-z-]+\s+)?{v}(?![\w-])[^.;]*?\bto\s+(?:the\s+)?(?:[a-z-]+\s+)?([\w-]*\d[\w-]*|[A-Z][\w-]+)"
-
-
-def supersede(
-    items: Sequence[SnapshotItem], forms: dict[int, list[dict[str, Any]]]
-) -> dict[int, list[dict[str, Any]]]:
-    """Forms whose value a later item replaces ("... has moved from desk M10 to desk L59"), oldest
-    item first: each such question is answered by the later statement instead, so the questions
-    that asked for the old value now get the new one."""
-    out = dict(forms)
-    order = sorted(items, key=lambda it: it.id)
-    for k, it in enumerate(order):
-        mine = out.get(it.id)
-        if not mine:
-            continue
-        changed = []
-        for f in mine:
-            v = f.get("value")
-            if f.get("kind") == "qa" and v:
-                pattern = re.compile(_REPLACED.format(v=re.escape(v)))
-                for later in order[k + 1 :]:
-                    hit = next(((s, m) for s in _sentences(later.text) if (m := pattern.search(s))), None)
-                    if hit:
-                        s, m = hit
-                        f = {**f, "a": _clause(s, m.group(1)) + ".", "value": m.group(1), "top": None}
-            changed.append(f)
-        out[it.id] = changed
-    return out
-
-
 def shuffle_split(forms: list[dict[str, Any]], fraction: float, seed: str) -> tuple[list, list]:
     """(train, held-out) question forms of one item, stable for ``seed``; at least one trains."""
     qa = [f for f in forms if f.get("kind") == "qa"]

@@ -34,7 +34,7 @@ import torch
 
 from fleet.base.tokenizer import chat_ids
 from fleet.registry import SnapshotItem
-from fleet.train.augment import personal_forms, shuffle_split, supersede
+from fleet.train.augment import personal_forms, shuffle_split
 from fleet.types import Level, level_of
 
 BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384, 448, 512, 768, 1024, 1536, 2048)
@@ -179,7 +179,6 @@ def member_data(
     probes: list[Row] = []
     # Texts are tokenized together; a conversation is rendered once, by chat_row (targets masked).
     text_ids = iter(item_ids([it for it in items if not it.messages], tokenizer))
-    forms = supersede(items, forms)  # a later "moved from desk M10 to desk L59" answers for M10
     latest: dict[str, int] = {}
     for it in sorted(items, key=lambda it: it.id):
         for f in forms.get(it.id, []):
