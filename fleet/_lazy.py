@@ -25,7 +25,15 @@ def lazy_exports(
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         module, _, attr = target.partition(":")
         value = getattr(importlib.import_module(module), attr or name)
-        setattr(sys.modules[package], name, value)
+        pkg = sys.modules[package]
+        setattr(pkg, name, value)
+        # Importing a submodule binds it on the package under its own name: where that name is also
+        # an export of something in it (fleet.ops.evaluate the module, evaluate the function), the
+        # binding would shadow the export; unbind it, so the next read resolves the export.
+        for other, where in exports.items():
+            if other != name and vars(pkg).get(other) is sys.modules.get(f"{package}.{other}") is not None:
+                if where.partition(":")[0] == f"{package}.{other}":
+                    delattr(pkg, other)
         return value
 
     def __dir__() -> list[str]:

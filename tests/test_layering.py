@@ -312,3 +312,20 @@ def test_a_clean_tree_passes(tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+def test_a_package_export_named_like_its_module_resolves_to_the_export_whatever_is_read_first():
+    """`from fleet.ops import write_facts` imports the module fleet.ops.evaluate, which binds the
+    module on the package as `evaluate`; the export `evaluate` (the function) must still win."""
+    import subprocess
+    import sys
+
+    code = (
+        "from fleet.ops import write_facts\n"
+        "from fleet.ops import evaluate, read_facts\n"
+        "import types\n"
+        "assert callable(evaluate) and not isinstance(evaluate, types.ModuleType), evaluate\n"
+        "assert callable(write_facts) and callable(read_facts)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
