@@ -31,9 +31,14 @@ def lazy_exports(
         # an export of something in it (fleet.ops.evaluate the module, evaluate the function), the
         # binding would shadow the export; unbind it, so the next read resolves the export.
         for other, where in exports.items():
-            if other != name and vars(pkg).get(other) is sys.modules.get(f"{package}.{other}") is not None:
-                if where.partition(":")[0] == f"{package}.{other}":
-                    delattr(pkg, other)
+            submodule = f"{package}.{other}"
+            if (
+                other != name
+                and where.partition(":")[0] == submodule
+                and other in vars(pkg)
+                and vars(pkg)[other] is sys.modules.get(submodule)
+            ):
+                delattr(pkg, other)
         return value
 
     def __dir__() -> list[str]:

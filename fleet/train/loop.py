@@ -147,13 +147,12 @@ def run_pack(
         progress.update.remote(spec.name, {"phase": "augment", "pid": os.getpid()})
     above = {}  # each member's items → the documents of its lineage above it (team, company)
     if mode == "base":
+        docs: dict[str, list[str]] = {}  # each ancestor's documents, read once for all its members
         for m in members:
-            texts = [
-                it["text"]
-                for a in lineage(m.model_id)[:-1]
-                for it in fl.registry.items(a)
-                if it["kind"] != "conversation"
-            ]
+            for a in lineage(m.model_id)[:-1]:
+                if a not in docs:
+                    docs[a] = [it["text"] for it in fl.registry.items(a) if it["kind"] != "conversation"]
+            texts = [t for a in lineage(m.model_id)[:-1] for t in docs[a]]
             for it in (*snaps[m.model_id].new_items, *snaps[m.model_id].old_items):
                 above[it.id] = texts
     forms = ensure_forms(
