@@ -31,6 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
         "fleet._lazy",
         "fleet._metrics",
         "fleet._ray",
+        "fleet._threads",
     ),
     (
         "fleet.registry",

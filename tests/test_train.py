@@ -130,6 +130,27 @@ def test_pack_equals_each_member_alone(fleet_env, org, pack_run):
         torch.testing.assert_close(t, single[name], rtol=1e-4, atol=1e-5)
 
 
+def test_a_pack_computes_the_same_numbers_whatever_threads_its_process_has(fleet_env, pack_run):
+    """A float32 matmul's result depends on how many threads split it: a pack pins its own
+    (one per CPU it was given), so a run resumed in another process, on a node of another
+    size, continues with the numbers the first worker would have computed."""
+    from fleet.lora import AdapterWeights
+
+    a, b, _spec, out = pack_run
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 3)
+    try:
+        _, other = _run(fleet_env, [a, b])
+        assert torch.get_num_threads() == before + 3  # the caller's setting is given back
+    finally:
+        torch.set_num_threads(before)
+    for m in (a, b):
+        got = AdapterWeights.from_bytes(*other["state"]["adapters"][m]).tensors
+        want = AdapterWeights.from_bytes(*out["state"]["adapters"][m]).tensors
+        for name, t in got.items():
+            assert torch.equal(t, want[name]), (m, name)
+
+
 def test_bad_packs_are_refused(fleet_env, org):
     fl = fleet_env
     with pytest.raises(ValidationError, match="empty pack"):

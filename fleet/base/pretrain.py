@@ -9,13 +9,13 @@ on the CPU in float32 so that two builds on the same machine give identical weig
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from fleet._threads import torch_threads
 from fleet.base import _circuit
 from fleet.base.tokenizer import BOS, EOS, PAD, VOCAB_SIZE
 from fleet.data.synth import general_text
@@ -124,16 +124,10 @@ def _lr_at(step: int, spec: PretrainSpec) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-@contextmanager
-def build_threads() -> Iterator[None]:
+def build_threads():
     """Pin torch's intra-op threads (BUILD_THREADS) while building, whatever the caller
     (a Ray worker, a test) has set, so that builds are reproducible."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(BUILD_THREADS)
 
 
 def pretrain(

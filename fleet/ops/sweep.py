@@ -113,8 +113,7 @@ def run_sweep(
     from ray.tune.schedulers import ASHAScheduler
 
     from fleet._ray import ensure_ray, train_storage
-    from fleet.train.launch import resources_of
-    from fleet.train.pack import build_pack
+    from fleet.train.pack import build_pack, resources_of
 
     if tier not in TIERS:
         raise ValidationError(f"unknown tier {tier!r}; tiers are {', '.join(TIERS)}")

@@ -38,7 +38,7 @@ _EXPORTS = {
     "Gate": "fleet.train.launch",
     "heldout_gate": "fleet.train.launch",
     "run_packs": "fleet.train.launch",
-    "resources_of": "fleet.train.launch",
+    "resources_of": "fleet.train.pack",
     "train_pack_loop": "fleet.train.loop",
     "ensure_forms": "fleet.train.augment",
     "with_context": "fleet.train.augment",

@@ -19,7 +19,7 @@ from typing import Any
 from fleet.errors import FleetError
 from fleet.registry import PublishRequest
 from fleet.train.loop import RESULT_FILE, STATE_FILE, train_pack_loop
-from fleet.train.pack import MemberSpec, PackSpec
+from fleet.train.pack import MemberSpec, PackSpec, resources_of
 from fleet.types import AdapterState, RunStatus
 
 # A gate sees a member, its tier, its run metrics and its trained adapter; says yes or why not.
@@ -130,13 +130,6 @@ def _fit(
     out["adapters"] = state["adapters"]
     out["fit_s"] = round(fit_s, 2)
     return out
-
-
-def resources_of(pack: PackSpec, cfg) -> tuple[dict[str, float], bool]:
-    """What the pack's worker asks for: its slice's resources, or CPUs where no slice is named."""
-    res = dict(pack.resources) or {"CPU": cfg.train.cpus_per_worker}
-    use_gpu = res.get("GPU", 0) > 0
-    return res, use_gpu
 
 
 def run_packs(

@@ -14,12 +14,14 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from fleet._threads import torch_threads
 from fleet.config import FleetConfig
 from fleet.data.corpus import REPLAY_INSTRUCTIONS, general_passages
 from fleet.train.augment import ensure_forms, mode_for
@@ -32,7 +34,7 @@ from fleet.train.data import (
     general_rows,
     member_data,
 )
-from fleet.train.pack import AdapterRef, PackSpec
+from fleet.train.pack import AdapterRef, PackSpec, cpu_threads
 from fleet.train.schedule import lr_at
 from fleet.types import lineage
 
@@ -76,7 +78,18 @@ def run_pack(
     device: torch.device | None = None,
 ) -> None:
     """Train one pack. ``report(metrics, state, final)`` receives checkpoints (state set) and the
-    end (final set); ``state`` resumes a checkpoint. No Ray here: tests call it directly."""
+    end (final set); ``state`` resumes a checkpoint. No Ray here: tests call it directly.
+
+    On CPU the pack computes on one intra-op thread per whole CPU it was given, whatever the
+    process has set: a float32 matmul's result depends on how many threads split it, so this is
+    what makes a run resumed on another worker, or on another node, continue with the same numbers.
+    """
+    device = device or _device()
+    with torch_threads(cpu_threads(spec, cfg)) if device.type == "cpu" else nullcontext():
+        _run_pack(spec, cfg, state, report, progress, eval_every, kl_lambda, device)
+
+
+def _run_pack(spec, cfg, state, report, progress, eval_every, kl_lambda, device) -> None:
     from fleet.handles import Fleet
     from fleet.lora import AdapterWeights, SlotAdamW
     from fleet.lora.build import build_engine
@@ -84,7 +97,6 @@ def run_pack(
     kl_lambda = cfg.sweep.kl_lambda if kl_lambda is None else float(kl_lambda)
     t_setup = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
-    device = device or _device()
     fl = Fleet(cfg)
     members = spec.members
     keys = [m.train_key for m in members]

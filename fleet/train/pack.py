@@ -202,3 +202,15 @@ def _budget_upto(reg, model_id: str, watermark: int, upto: int, budget: int) -> 
         total += item["tokens"]
         last = item["id"]
     return last if last is not None else upto
+
+
+def resources_of(pack: PackSpec, cfg: FleetConfig) -> tuple[dict[str, float], bool]:
+    """What the pack's worker asks for: its slice's resources, or CPUs where no slice is named."""
+    res = dict(pack.resources) or {"CPU": cfg.train.cpus_per_worker}
+    use_gpu = res.get("GPU", 0) > 0
+    return res, use_gpu
+
+
+def cpu_threads(pack: PackSpec, cfg: FleetConfig) -> int:
+    """Intra-op threads of the pack's training on CPU: one per whole CPU its worker was given."""
+    return max(1, int(resources_of(pack, cfg)[0].get("CPU", 1)))
