@@ -86,7 +86,10 @@ def test_watch_runs_as_a_ray_job_until_stopped_and_exports_bounded_metrics(clust
             time.sleep(2)
         else:
             pytest.fail(f"no drift metrics from the watch job: {client.get_job_logs(name)[-3000:]}")
-        time.sleep(5)  # at least one more interval: the job keeps scanning (nothing new to score)
+        deadline = time.time() + 120
+        while ": 0 scored" not in client.get_job_logs(name):  # a later scan: the job keeps scanning
+            assert time.time() < deadline, client.get_job_logs(name)[-3000:]
+            time.sleep(1)
         assert str(client.get_job_status(name)).split(".")[-1] == "RUNNING"
     finally:
         client.stop_job(name)

@@ -78,6 +78,18 @@ def test_one_company_holds_at_most_its_share_of_the_batch_while_another_waits(wo
     server = server_with(world, max_batch_size=4, company_batch_share=0.5, batch_wait_ms=0)
     ids = encode_prompt(server.tokenizer, "share")
     b = server.batcher
+    # The rows each company holds at every decode step, read as the step starts (the event loop
+    # waits on the step then, so the running set is still): sampling from a coroutine instead
+    # would miss whole phases on a busy machine.
+    steps: list[tuple[int, int]] = []
+    engine_step = b._engine_step
+
+    def recorded(admit, score, cancels):
+        rows = [j.company for j in b._running.values()]
+        steps.append((rows.count("acme"), rows.count("globex")))
+        return engine_step(admit, score, cancels)
+
+    b._engine_step = recorded
 
     async def go():
         # Alone, acme fills the batch: no row stays idle for nobody.
@@ -86,21 +98,15 @@ def test_one_company_holds_at_most_its_share_of_the_batch_while_another_waits(wo
         alone = b.running
         # globex arrives: it gets the rows acme's finishing requests leave, acme is held to 2.
         other = [b.submit(Job(ids, [-1], 40, company="globex")) for _ in range(3)]
-        held = []
-        while not all(j.removed for j in other):
-            await asyncio.sleep(0.005)
-            rows = [j.company for j in b._running.values()]
-            held.append((rows.count("acme"), rows.count("globex")))
-        await asyncio.gather(*(finish(j) for j in [*hog, *other]))
-        return alone, held
+        ends = await asyncio.gather(*(finish(j) for j in [*hog, *other]))
+        return alone, [type(last) for _, last in ends]
 
-    alone, held = run(go())
-    assert alone == 4
-    both = [h for h in held if h[1] > 0]
-    assert both and max(g for _, g in both) == 2  # globex gets its share, no more while acme waits
-    # Once acme is down to its share it never climbs back over it while globex runs.
-    first_fair = next(i for i, (a, _) in enumerate(both) if a <= 2)
-    assert all(a <= 2 for a, _ in both[first_fair:])
+    alone, ends = run(go())
+    assert alone == 4 and ends == [Done] * 9
+    both = [s for s in steps if s[0] and s[1]]  # steps both companies shared
+    assert both and max(g for _, g in both) == 2  # globex gets its share, no more while acme runs
+    assert all(a <= 2 for a, _ in both)  # acme, once globex runs, never holds more than its share
+    assert max(a for a, _ in steps) == 4  # while alone it held the whole batch
 
 
 def test_a_company_over_its_in_flight_limit_gets_a_429_with_a_retry_estimate(world):
