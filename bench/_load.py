@@ -165,3 +165,63 @@ def sample_requests(models: list[str], *, clients: int, per_client: int, seed: i
             [(order[int(rng.choice(len(order), p=probs))], prompt_words(words)) for _ in range(per_client)]
         )
     return [streams[i][k] for k in range(per_client) for i in range(clients)]
+
+
+class EngineAlone:
+    """The engine in this process, one thread, with every adapter of ``models`` loaded: what it
+    decodes alone over the same kind of traffic as the clients send (their Zipf draw of models
+    and prompts), ``rows`` requests in flight, each joining (prefilled together with the others
+    joining at that step) as another leaves."""
+
+    def __init__(self, cfg, models: list[str]) -> None:  # cfg: fleet.config.FleetConfig
+        from fleet.lora import AdapterWeights
+        from fleet.registry import Registry
+        from fleet.serve.runtime import build_runtime
+        from fleet.store import open_store
+
+        self.rt = build_runtime(cfg, slots=len(models) + 8)
+        engine = self.rt.engine
+        registry, store = Registry.open(cfg, migrate=False), open_store(cfg)
+        self.slots: dict[str, list[int]] = {}
+        for m, stack in registry.active_stacks(models).items():
+            row = []
+            for e in stack.entries:
+                if engine.slot(e.key) is None:
+                    files = store.read_version(e.uri, e.sha256)
+                    engine.load(e.key, AdapterWeights.from_bytes(files.config, files.weights))
+                row.append(engine.slot(e.key))
+            self.slots[m] = row or [-1]
+        registry.close()
+        self.models = models
+
+    def tokens_per_s(self, *, rows: int, seconds: float, max_tokens: int, seed: int) -> float:
+        import torch
+
+        from fleet.base.tokenizer import stop_token_ids
+        from fleet.lora import DecodeBatch
+        from fleet.serve.runtime import encode_prompt
+
+        tok = self.rt.tokenizer
+        draws = sample_requests(self.models, clients=rows, per_client=400, seed=seed)
+        todo = [(m, encode_prompt(tok, pr)) for m, pr in draws]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in the replica (Ray gives an actor with num_cpus=1 one thread)
+        try:
+            batch = DecodeBatch(self.rt.engine, None, eos_token_id=list(stop_token_ids(tok)) or None)
+            n, tokens = 0, 0
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                joining = []
+                while batch.active + len(joining) < rows:
+                    m, ids = todo[n % len(todo)]
+                    joining.append((n, ids, self.slots[m], max_tokens))
+                    n += 1
+                if joining:
+                    batch.add_many(joining)
+                for out in batch.step():
+                    tokens += 1
+                    if out.finished:
+                        batch.results.pop(out.request_id)
+            return tokens / (time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(threads)

