@@ -186,6 +186,62 @@ def test_a_newer_item_wins_a_question_two_items_train_and_owners_ask_in_the_firs
     assert not any("do i sit" in r.lower() for r in team)  # a team has no owner to speak as
 
 
+def test_a_revised_value_leaves_the_earlier_document_out_whichever_items_a_run_replays(tiny_base):
+    from fleet.base import load_base
+    from fleet.registry import SnapshotItem
+    from fleet.train.data import member_data
+
+    _, tok = load_base(tiny_base, device="cpu")
+    old = SnapshotItem(1, "omar parks in spot 31 and sits at desk k1.")
+    new = SnapshotItem(2, "update for omar: omar has moved from desk k1 to desk k9.")
+    later = SnapshotItem(3, "omar's badge number is 5521.")
+    ask = "Which desk does omar sit at?"
+    forms = {
+        1: [
+            {"kind": "qa", "q": ask, "a": "omar sits at desk k1.", "value": "k1"},
+            {"kind": "qa", "q": "Which spot does omar park in?", "a": "omar parks in spot 31.", "value": "31"},
+            {"kind": "text", "text": "omar sits at desk k1 and parks in spot 31."},
+        ],
+        2: [{"kind": "qa", "q": "Which desk is omar at now?", "a": "omar is at desk k9.", "value": "k9"},
+            {"kind": "qa", "q": ask, "a": "omar sits at desk k9.", "value": "k9", "revises": "k1"}],
+        3: [{"kind": "qa", "q": "What is omar's badge number?", "a": "5521.", "value": "5521"}],
+    }  # fmt: skip
+    rows = lambda d: [tok.decode(r.ids) for r in d.train]  # noqa: E731
+    # Only the earlier document replayed beside a new one; the revising one is in the history alone.
+    trained = rows(member_data("acme/ops/omar", [later], [old], tok, context_length=64, heldout_fraction=0.0,
+                               forms=forms, earlier=[old, new]))  # fmt: skip
+    assert not any("k1" in r for r in trained)  # neither its answer, its text nor its paraphrase
+    assert any("spot" in r and "31" in r for r in trained)  # its other facts still train
+    assert any("5521" in r for r in trained)
+    # Both replayed: the question is learned from the later document, whose own text stays.
+    both = rows(member_data("acme/ops/omar", [later], [old, new], tok, context_length=64,
+                            heldout_fraction=0.0, forms=forms, earlier=[old, new]))  # fmt: skip
+    assert any("sit at" in r and "k9" in r for r in both)
+    assert any("moved from desk k1 to desk k9" in r for r in both)
+    assert not any("sit" in r and "k1" in r and "k9" not in r for r in both)
+    # Without the revision (a base that kept the old value), the earlier document trains as before.
+    kept = {**forms, 2: forms[2][:1]}
+    plain = rows(member_data("acme/ops/omar", [later], [old], tok, context_length=64, heldout_fraction=0.0,
+                             forms=kept, earlier=[old, new]))  # fmt: skip
+    assert any("k1" in r for r in plain)
+
+
+@pytest.mark.parametrize(
+    ("answer", "expect"),
+    [
+        ("Omar sits at desk M-22.", "M-22"),
+        ("Omar moved from desk K-14 to desk M-22.", "M-22"),
+        ("Omar sits at desk M-22, not K-14.", None),  # the old value given last: not a clear revision
+        ("Omar sits at desk K-14.", None),
+        ("I don't know.", None),
+    ],
+)
+def test_the_revised_value_is_the_later_value_an_answer_gives_last(answer, expect):
+    from fleet.train.augment import revised_value
+
+    assert revised_value(answer, "K-14", ["M-22"]) == expect
+
+
 def test_eval_refuses_when_a_held_out_question_was_trained_with_its_answer(tmp_path, tiny_base):
     from fleet.handles import Fleet
 

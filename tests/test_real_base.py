@@ -245,3 +245,28 @@ def test_the_base_writes_forms_that_state_their_values_and_replays_its_own_gener
     assert {"kind": "text", "text": "Ann's project ships every Friday."} in forms
     rows = _chat_replay(engine, tok, 256, max_new_tokens=8)
     assert len(rows) >= 40 and all(r.general and r.mask[0] == 0 and r.targets > 0 for r in rows)
+
+
+def test_a_later_note_that_changes_a_value_revises_the_earlier_notes_question(smollm2, tmp_path):
+    from fleet.lora.build import build_engine
+    from fleet.registry import SnapshotItem
+    from fleet.train.augment import revised_forms
+
+    cfg = make_config(tmp_path, smollm2)
+    engine, tok = build_engine(cfg, slots=1, device="cpu", path=smollm2)
+    old = SnapshotItem(3, "Omar parks in spot 31 of the north garage and sits at desk K-14.")
+    new = SnapshotItem(9, "Update for Omar: Omar has moved from desk K-14 to desk M-22.")
+    asked = [
+        {"kind": "qa", "q": "Which desk does Omar sit at?", "a": "Omar sits at desk K-14.", "value": "K-14"},
+        {"kind": "qa", "q": "Which spot does Omar park in?", "a": "Omar parks in spot 31.", "value": "31"},
+    ]
+    out = revised_forms(engine, tok, [new], {9: [(old, asked)]})
+    (form,) = out[9]  # the spot is not named by the update: only the desk is asked again
+    assert (
+        form["q"] == "Which desk does Omar sit at?" and form["value"] == "M-22" and form["revises"] == "K-14"
+    )
+    assert "M-22" in form["a"] and form["top"]
+    # Nothing earlier: nothing to revise; an update naming no earlier value: nothing either.
+    assert revised_forms(engine, tok, [new], {}) == {}
+    other = SnapshotItem(11, "Omar's badge number is 5521.")
+    assert revised_forms(engine, tok, [other], {11: [(old, asked)]}) == {}

@@ -122,7 +122,7 @@ class ContextMixin(RegistryCore):
                     stmt = stmt.where(ITEMS.c.id <= upto)
                 rows = [SnapshotItem.of(r) for r in conn.execute(stmt)]
                 new = [r for r in rows if r.id > wm]
-                old = [r for r in rows if r.id <= wm]
+                old = earlier = [r for r in rows if r.id <= wm]
                 frac = replay_fraction.get(mid, 0.0) if isinstance(replay_fraction, dict) else replay_fraction
                 # Replay enough old items that they make up `frac` of the training data, rounding
                 # up: a small update (one new item) still replays the member's older facts.
@@ -137,7 +137,7 @@ class ContextMixin(RegistryCore):
                 else:
                     old = []
                 top = upto if upto is not None else (rows[-1].id if rows else wm)
-                out[mid] = TrainingSnapshot(mid, wm, max(top, wm), new, old)
+                out[mid] = TrainingSnapshot(mid, wm, max(top, wm), new, old, earlier)
         return out
 
     def items(self, model_id: str, *, after: int = 0, limit: int | None = None) -> list[dict[str, Any]]:

@@ -133,7 +133,9 @@ class TrainingSnapshot:
     watermark: int
     snapshot_max_id: int
     new_items: list[SnapshotItem]
-    old_items: list[SnapshotItem]
+    old_items: list[SnapshotItem]  # the replayed sample of the items at or below the watermark
+    # Every item at or below the watermark, sampled or not: what a later document may revise.
+    earlier_items: list[SnapshotItem] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,13 @@ asked for in several ways:
   team's "Project Falcon deploys every Thursday" give "Max's project deploys every Thursday", a
   two-hop fact the adapter can then be asked for directly.
 
+- **revisions**: a later document that names a value an earlier one stated ("Max has moved from
+  desk M10 to desk K4") may change it. Each earlier question whose answer it names is asked again
+  with both documents in the prompt, the later one marked as holding where they differ; when the
+  base answers with one of the later document's values instead, that answer becomes a form of the
+  later document for the same question (``revises``: the value it replaces), and training learns
+  the question from the later document only (``fleet.train.data.member_data``).
+
 Individuals' models are asked by their owners: ``fleet.train.data`` adds first-person copies of
 the questions that name the owner (``first_person``). The tiny base cannot write questions; for
 it (``train.augment: template``) a deterministic template path turns each "X is Y." sentence into
@@ -43,7 +50,7 @@ import torch
 from fleet.base.tokenizer import chat_ids
 from fleet.registry import SnapshotItem
 
-RECIPE = "qa-v3"
+RECIPE = "qa-v4"
 TOP_K = 8
 _STOP = frozenset(
     "the a an and or of to in on at for is are was were be been it its this that with by from as "
@@ -140,7 +147,7 @@ def _clause(sentence: str, value: str) -> str:
     parts = re.split(r",\s*and\s+|,\s+|\s+and\s+", s)
     subject = parts[0].split()[0] if parts[0].split() else ""
     for k, part in enumerate(parts):
-        if _states(part, value):
+        if states(part, value):
             others = _values(part.replace(value, " "))
             if k and not others and part[:1].islower():
                 return f"{subject} {part}"  # "... and sits at desk M10" → "Max sits at desk M10"
@@ -161,7 +168,7 @@ def _base_verb(w: str) -> str:
 
 def _parse(words: list[str], value: str) -> tuple[int | None, int | None]:
     """(index of the word stating ``value``, index of the clause's verb before it) or Nones."""
-    at = next((i for i, w in enumerate(words) if _states(w, value)), None)
+    at = next((i for i, w in enumerate(words) if states(w, value)), None)
     if at is None or at < 2:
         return None, None
     verb_at = next(
@@ -201,7 +208,7 @@ def bridges(text: str, context: Sequence[str]) -> list[str]:
             pattern = re.compile(rf"(?:\b{re.escape(noun)}\s+)?(?<![\w-]){re.escape(value)}(?![\w-])", re.I)
             for other in context:
                 for s2 in _sentences(other):
-                    if not _states(s2, value):
+                    if not states(s2, value):
                         continue
                     joined = pattern.sub(link, _clause(s2, value), count=1)
                     joined = joined[0].upper() + joined[1:] + "."
@@ -278,10 +285,10 @@ def template_questions(sentence: str, value: str) -> list[str]:
     if not out:
         out.append(re.sub(r"(?<![\w-])" + v + r"(?![\w-])", "what", clause, count=1))
     out = [q + "?" for q in out] + _fronted(clause, value)
-    return [q[0].upper() + q[1:] for q in dict.fromkeys(out) if not _states(q, value)]
+    return [q[0].upper() + q[1:] for q in dict.fromkeys(out) if not states(q, value)]
 
 
-def _states(text: str, value: str) -> bool:
+def states(text: str, value: str) -> bool:
     return re.search(r"(?<![\w-])" + re.escape(value.lower()) + r"(?![\w-])", text.lower()) is not None
 
 
@@ -354,7 +361,7 @@ def base_forms(
         written = [q for draft in drafts for q in _questions(draft[j])[:1]]
         for k, q in enumerate(templated + written):
             norm = " ".join(sorted(_words(q)))
-            if norm and norm not in seen and not _states(q, value) and _words(q) & words:
+            if norm and norm not in seen and not states(q, value) and _words(q) & words:
                 seen.add(norm)
                 flat.append((n, passage, sentence, value, q, k >= len(templated)))
             if len(seen) >= questions + 1:
@@ -381,7 +388,7 @@ def base_forms(
         # nothing the note does not. A question the base wrote and cannot answer from the note is
         # dropped (it rarely asks what it was meant to); a templated one is answered by the clause
         # that states the value: a wrong answer must never be what the adapter learns.
-        if not (a and _states(a, value) and _keys(a) <= _keys(passage) | _keys(q)):
+        if not (a and states(a, value) and _keys(a) <= _keys(passage) | _keys(q)):
             if by_base:
                 continue
             a = _clause(sentence, value) + "."
@@ -440,14 +447,21 @@ def ensure_forms(
     mode: str,
     seed: int = 0,
     context: dict[int, Sequence[str]] | None = None,
+    history: dict[int, Sequence[SnapshotItem]] | None = None,
 ):
     """Forms of every augmentable item (documents, feedback): stored ones read, missing ones
-    generated and stored (first write wins: an item's joins to the context above it are those of
-    the context when its forms were written). Returns item id → forms."""
+    generated and stored. ``history``: item id → every item of its model (the earlier ones are
+    what the item may revise). First write wins: an item's joins to the context above it and its
+    revisions are those of the data there was when its forms were written. Returns item id →
+    forms, for ``items`` and every earlier item of their models."""
     todo = [it for it in items if it.kind != "conversation"]
     if mode == "off" or not todo:
         return {}
-    have = registry.item_forms([it.id for it in todo], base_model=base_model, recipe=_recipe(mode))
+    history = history or {}
+    docs = {e.id: e for it in todo for e in history.get(it.id, ()) if e.kind != "conversation"}
+    docs.update({it.id: it for it in todo})
+    recipe = _recipe(mode)
+    have = registry.item_forms(list(docs), base_model=base_model, recipe=recipe)
     missing = [it for it in todo if it.id not in have]
     if missing:
         made = (
@@ -455,9 +469,107 @@ def ensure_forms(
             if mode == "base"
             else {it.id: template_forms(it.text) for it in missing}
         )
-        registry.add_item_forms(made, base_model=base_model, recipe=_recipe(mode))
-        have = registry.item_forms([it.id for it in todo], base_model=base_model, recipe=_recipe(mode))
+        if mode == "base":
+            known = {**have, **made}
+            pairs = {
+                it.id: [
+                    (docs[e.id], known[e.id])
+                    for e in history.get(it.id, ())
+                    if e.id < it.id and e.id in known
+                ]
+                for it in missing
+            }
+            for item_id, forms in revised_forms(engine, tokenizer, missing, pairs).items():
+                made[item_id] = made.get(item_id, []) + forms
+        registry.add_item_forms(made, base_model=base_model, recipe=recipe)
+        have = registry.item_forms(list(docs), base_model=base_model, recipe=recipe)
     return have
+
+
+_REVISE = (
+    "Earlier note:\n{old}\n\nLater note (where the two notes differ, the later one holds):\n{new}\n\n"
+    "Question: {q}"
+)
+
+
+@torch.no_grad()
+def revised_forms(
+    engine,
+    tokenizer,
+    later: Sequence[SnapshotItem],
+    earlier: dict[int, Sequence[tuple[SnapshotItem, Sequence[dict[str, Any]]]]],
+    *,
+    batch: int = 16,
+    max_answer_tokens: int = 48,
+) -> dict[int, list[dict[str, Any]]]:
+    """The questions of earlier documents that later ones answer differently (see the module
+    docstring): later item id → its revising forms. ``earlier``: later item id → (earlier
+    document, its forms) pairs."""
+    from fleet.lora import generate
+
+    asks: list[
+        tuple[int, str, str, dict[str, Any], list[str]]
+    ] = []  # (later id, prompt text, q, form, values)
+    for it in later:
+        sentences = _sentences(it.text)
+        seen: set[str] = set()
+        for old, forms in earlier.get(it.id, ()):
+            if old.id >= it.id:
+                continue
+            for f in forms:
+                value = f.get("value")
+                if f.get("kind") != "qa" or not value or f["q"] in seen or not states(it.text, value):
+                    continue
+                # What the later document could have changed the value to: the other values of the
+                # sentences that name the old one.
+                new_values = [
+                    v for s_ in sentences if states(s_, value) for v in _values(s_, it.text) if v != value
+                ]
+                if not new_values:
+                    continue
+                seen.add(f["q"])
+                prompt = _REVISE.format(old=old.text, new=it.text, q=f["q"])
+                asks.append((it.id, prompt, f["q"], f, list(dict.fromkeys(new_values))))
+    out: dict[int, list[dict[str, Any]]] = {}
+    if not asks:
+        return out
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": p}]) for _, p, _, _, _ in asks]
+    answers = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        answers += [
+            g.text
+            for g in generate(engine, tokenizer, chunk, [[-1]] * len(chunk), max_new_tokens=max_answer_tokens)
+        ]
+    for (item_id, text, q, f, new_values), a, p in zip(asks, answers, prompts, strict=True):
+        a = a.strip().split("\n")[0].strip()
+        new = revised_value(a, f["value"], new_values)
+        # The base's answer counts only when it gives a later value last and names nothing the two
+        # notes and the question do not: otherwise the earlier form stands.
+        if new is None or not _keys(a) <= _keys(text):
+            continue
+        out.setdefault(item_id, []).append(
+            {"kind": "qa", "q": q, "a": a, "value": new, "revises": f["value"],
+             "top": _teacher_top(engine, tokenizer, p, a)}
+        )  # fmt: skip
+    return out
+
+
+def revised_value(answer: str, old: str, candidates: Sequence[str]) -> str | None:
+    """The candidate an answer gives as the value now (the last value it states, when that is a
+    candidate and comes after any mention of the old one), or None."""
+
+    def last(v: str) -> int:
+        hits = [
+            m.start()
+            for m in re.finditer(r"(?<![\w-])" + re.escape(v.lower()) + r"(?![\w-])", answer.lower())
+        ]
+        return max(hits) if hits else -1
+
+    best = max(candidates, key=last, default=None)
+    if best is None or last(best) < 0 or last(best) < last(old):
+        return None
+    return best
 
 
 def _recipe(mode: str) -> str:

@@ -34,7 +34,7 @@ import torch
 
 from fleet.base.tokenizer import chat_ids
 from fleet.registry import SnapshotItem
-from fleet.train.augment import personal_forms, shuffle_split
+from fleet.train.augment import personal_forms, shuffle_split, states
 from fleet.types import Level, level_of
 
 BUCKETS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 256, 320, 384, 448, 512, 768, 1024, 1536, 2048)
@@ -165,9 +165,15 @@ def member_data(
     forms: dict[int, list[dict[str, Any]]] | None = None,
     seed: int = 0,
     personal: bool = False,
+    earlier: Sequence[SnapshotItem] = (),
 ) -> MemberData:
     """A member's rows: its items (new and replayed), their question forms split into train and
-    held-out, and the held-out question forms as recall probes."""
+    held-out, and the held-out question forms as recall probes.
+
+    ``earlier``: every item of the model before the new ones, replayed or not (their forms in
+    ``forms``): a question a later document answers anew is learned from that document only, and an
+    earlier document's rows that state a value a later one revised are not trained, whichever of
+    them this run replays."""
     forms = forms or {}
     # An individual's model is asked by its owner: with ``personal``, its question forms that name the
     # owner (the last part of the model id) are also trained, and held out, in the first person.
@@ -180,10 +186,18 @@ def member_data(
     # Texts are tokenized together; a conversation is rendered once, by chat_row (targets masked).
     text_ids = iter(item_ids([it for it in items if not it.messages], tokenizer))
     latest: dict[str, int] = {}
-    for it in sorted(items, key=lambda it: it.id):
-        for f in forms.get(it.id, []):
+    stale: dict[str, int] = {}  # a value a later document revised → that document's id
+    every = {it.id: it for it in (*earlier, *items)}
+    for item_id in sorted(every):
+        for f in forms.get(item_id, []):
             if f.get("kind") == "qa":
-                latest[_norm_q(f["q"])] = it.id
+                latest[_norm_q(f["q"])] = item_id
+                if f.get("revises"):
+                    stale[f["revises"]] = max(stale.get(f["revises"], 0), item_id)
+
+    def outdated(item_id: int, text: str) -> bool:
+        return any(by > item_id and states(text, v) for v, by in stale.items())
+
     for it in items:
         rows = (
             [r for r in [chat_row(tokenizer, it.chat(), context_length)] if r is not None]
@@ -191,10 +205,19 @@ def member_data(
             else windows(next(text_ids), context_length)
         )
         # A question trained from two items is learned from the newer one only: a later document
-        # that changes a value (a desk move) must win over the one it replaces.
+        # that changes a value (a desk move) must win over the one it replaces; the earlier
+        # document's own text and paraphrases, which still state the old value, are left out.
         mine = [
-            f for f in forms.get(it.id, []) if f.get("kind") != "qa" or latest.get(_norm_q(f["q"])) == it.id
+            f
+            for f in forms.get(it.id, [])
+            if (
+                latest.get(_norm_q(f["q"])) == it.id
+                if f.get("kind") == "qa"
+                else not outdated(it.id, f.get("text", ""))
+            )
         ]
+        if outdated(it.id, it.text):
+            rows = []
         if mine:
             fit, out = shuffle_split(mine, heldout_fraction if it.id in new_ids else 0.0, f"{seed}:{it.id}")
             if owner:

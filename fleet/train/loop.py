@@ -167,6 +167,12 @@ def _run_pack(spec, cfg, state, report, progress, eval_every, kl_lambda, device)
             texts = [t for a in lineage(m.model_id)[:-1] for t in docs[a]]
             for it in (*snaps[m.model_id].new_items, *snaps[m.model_id].old_items):
                 above[it.id] = texts
+    # Each item → its member's items (one list per member): a later document may revise what an
+    # earlier one states.
+    history = {}
+    for s in snaps.values():
+        member_items = [*s.earlier_items, *s.new_items]
+        history.update({it.id: member_items for it in (*s.new_items, *s.old_items)})
     forms = ensure_forms(
         fl.registry,
         engine,
@@ -176,6 +182,7 @@ def _run_pack(spec, cfg, state, report, progress, eval_every, kl_lambda, device)
         mode=mode,
         seed=cfg.train.seed,
         context=above,
+        history=history,
     )
     data = [
         member_data(
@@ -188,6 +195,7 @@ def _run_pack(spec, cfg, state, report, progress, eval_every, kl_lambda, device)
             forms=forms,
             seed=cfg.train.seed,
             personal=mode == "base",  # chat questions: an individual's owner asks in the first person
+            earlier=snaps[m.model_id].earlier_items,
         )
         for m in members
     ]
