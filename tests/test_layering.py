@@ -72,6 +72,8 @@ def _modules(root: Path, top: str) -> dict[str, Path]:
     out = {}
     for path in (root / top).rglob("*.py"):
         parts = list(path.relative_to(root).with_suffix("").parts)
+        if any(p.startswith(".") for p in parts):  # a virtual environment there (bench/.vllm-venv)
+            continue
         if parts[-1] == "__init__":
             parts = parts[:-1]
         out[".".join(parts)] = path
