@@ -230,8 +230,7 @@ def test_every_import_of_fleet_resolves():
 
     problems = []
     for top in ("fleet", "bench", "tests"):
-        for path in sorted((ROOT / top).rglob("*.py")):
-            module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for module, path in sorted(_modules(ROOT, top).items()):
             for target, name, line in _imports(module, path):
                 if not (target == "fleet" or target.startswith("fleet.")):
                     continue
