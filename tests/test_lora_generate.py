@@ -167,3 +167,38 @@ def test_bfloat16_generation_follows_its_own_forward() -> None:
     # The first token comes from the prefill: it must be the forward's own argmax.
     with torch.no_grad(), engine.rows([[0]]):
         assert out[0].token_ids[0] == int(engine.model(torch.tensor([[5, 6, 7]])).logits[0, -1].argmax())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_model_laid_out_for_cpu_decoding_gives_the_same_logits_and_tokens(tied: bool) -> None:
+    import copy
+
+    from torch import nn
+
+    from fleet.lora import lay_out_for_cpu
+
+    def build(model):
+        engine = LoraEngine(model, max_slots=6, max_rank=8)
+        for i, key in enumerate(("co", "team", "ann", "bob")):
+            engine.load(key, random_lora(model, rank=[8, 4, 8, 2][i], seed=i, std=0.2))
+        return engine
+
+    model = tiny_llama(vocab=VOCAB, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, seed=11)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+    if tied:  # as SmolLM2's: the head is the embedding
+        model.lm_head.weight = model.model.embed_tokens.weight
+    ref, laid = build(copy.deepcopy(model)), build(model)
+    linears = sum(type(m) is nn.Linear for m in laid.model.modules()) - int(tied)
+    info = lay_out_for_cpu(laid.model)
+    assert info == {"column_major": linears, "packed_head": tied and torch.backends.mkl.is_available()}
+    assert lay_out_for_cpu(laid.model) == {"column_major": 0, "packed_head": False}  # once is enough
+    ids = torch.tensor([prompts()[0], prompts()[3][:7]])
+    with torch.no_grad(), ref.rows(stacks(ref)[:2]), laid.rows(stacks(laid)[:2]):
+        torch.testing.assert_close(laid.model(ids).logits, ref.model(ids).logits, rtol=1e-5, atol=1e-5)
+    args = dict(max_new_tokens=12, eos_token_id=NO_EOS)
+    outs = [o.token_ids for o in generate(laid, None, prompts(), stacks(laid), **args)]
+    assert outs == [o.token_ids for o in generate(ref, None, prompts(), stacks(ref), **args)]
+    assert laid.model.lm_head.weight.shape == (VOCAB, 64)  # code that reads the head still can

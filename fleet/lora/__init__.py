@@ -35,6 +35,9 @@ Contract (stable):
 - ``generate(engine, tokenizer, prompts, slots_BL, *, max_new_tokens, temperature=0.0,
   top_p=1.0, stop=None, seed=None, eos_token_id=None) -> list[Generation]``.
 - ``prompt_logprobs(engine, prompts, slots_BL, *, top_k) -> list[list[dict]]``.
+- ``lay_out_for_cpu(model) -> dict``: a CPU model's weights laid out for decoding (column-major
+  projections, an MKL-packed tied LM head), values unchanged; serving replicas call it, training
+  does not. Returns ``{"column_major": n, "packed_head": bool}``.
 - ``DecodeBatch(engine, tokenizer=None, *, eos_token_id=None)``: ``add(request_id, prompt_ids,
   slots_L, max_new_tokens, temperature=0.0, top_p=1.0, stop=None, seed=None)``, ``add_many``,
   ``step() -> list[StepOutput]`` (``request_id, token_id, finished, finish_reason``),
@@ -73,6 +76,7 @@ _EXPORTS = {
     "export_peft": "fleet.lora.interop",
     "generate_for": "fleet.lora.interop",
     "build_engine": "fleet.lora.build",
+    "lay_out_for_cpu": "fleet.lora.layout",
     "StackSlots": "fleet.lora.build",
 }
 __all__ = sorted(_EXPORTS)

@@ -61,10 +61,12 @@ class ServingRuntime:
 
 def build_runtime(cfg: FleetConfig, *, slots: int | None = None) -> ServingRuntime:
     """The base (which must exist: a replica never builds one) in a LoRA engine with
-    ``serve.adapter_slots`` slots (``fleet.lora.build``), its tokenizer and context limit."""
-    from fleet.lora.build import build_engine
+    ``serve.adapter_slots`` slots (``fleet.lora.build``), its weights laid out for decoding
+    (``fleet.lora.lay_out_for_cpu``), its tokenizer and context limit."""
+    from fleet.lora import build_engine, lay_out_for_cpu
 
     engine, tokenizer = build_engine(cfg, slots=slots or cfg.serve.adapter_slots, path=base_dir(cfg))
+    lay_out_for_cpu(engine.model)  # decode-friendly weight layouts on CPU; values unchanged
     return ServingRuntime(engine, tokenizer, context_limit(cfg, tokenizer))
 
 
