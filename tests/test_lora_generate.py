@@ -202,3 +202,17 @@ def test_a_model_laid_out_for_cpu_decoding_gives_the_same_logits_and_tokens(tied
     outs = [o.token_ids for o in generate(laid, None, prompts(), stacks(laid), **args)]
     assert outs == [o.token_ids for o in generate(ref, None, prompts(), stacks(ref), **args)]
     assert laid.model.lm_head.weight.shape == (VOCAB, 64)  # code that reads the head still can
+
+
+def test_a_level_every_row_shares_decodes_as_the_full_recompute(engine: LoraEngine) -> None:
+    # Every row has the company adapter (the A side reads x in place there), the rest differ per row.
+    s = engine.slot
+    rows = [
+        [s("co"), s("team"), s("ann")],
+        [s("co"), -1, -1],
+        [s("co"), -1, s("bob")],
+        [s("co"), s("team"), -1],
+    ]
+    outs = generate(engine, None, prompts(), rows, max_new_tokens=10, eos_token_id=NO_EOS)
+    for prompt, slots, out in zip(prompts(), rows, outs, strict=True):
+        assert out.token_ids == recompute_greedy(engine, prompt, slots, 10)
