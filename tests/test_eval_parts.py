@@ -230,16 +230,19 @@ def test_a_revised_value_leaves_the_earlier_document_out_whichever_items_a_run_r
     ("answer", "expect"),
     [
         ("Omar sits at desk M-22.", "M-22"),
-        ("Omar moved from desk K-14 to desk M-22.", "M-22"),
-        ("Omar sits at desk M-22, not K-14.", None),  # the old value given last: not a clear revision
+        ("Omar is currently sitting at desk M-22", "M-22"),
+        ("Omar has moved from desk K-14 to desk M-22.", "M-22"),  # the later note's own words
+        ("The later note says desk K-14, the earlier one desk M-22.", None),  # both named: a muddle
+        ("Omar sits at desk M-22, not K-14.", None),
         ("Omar sits at desk K-14.", None),
         ("I don't know.", None),
     ],
 )
-def test_the_revised_value_is_the_later_value_an_answer_gives_last(answer, expect):
+def test_the_revised_value_is_a_later_value_the_answer_gives_without_the_old_one(answer, expect):
     from fleet.train.augment import revised_value
 
-    assert revised_value(answer, "K-14", ["M-22"]) == expect
+    later = "Update for Omar: Omar has moved from desk K-14 to desk M-22."
+    assert revised_value(answer, "K-14", ["M-22"], later=later) == expect
 
 
 def test_eval_refuses_when_a_held_out_question_was_trained_with_its_answer(tmp_path, tiny_base):

@@ -529,11 +529,11 @@ def revised_forms(
                     continue
                 seen.add(f["q"])
                 prompt = _REVISE.format(old=old.text, new=it.text, q=f["q"])
-                asks.append((it.id, prompt, f["q"], f, list(dict.fromkeys(new_values))))
+                asks.append((it.id, prompt, f["q"], f, list(dict.fromkeys(new_values)), it.text))
     out: dict[int, list[dict[str, Any]]] = {}
     if not asks:
         return out
-    prompts = [chat_ids(tokenizer, [{"role": "user", "content": p}]) for _, p, _, _, _ in asks]
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": ask[1]}]) for ask in asks]
     answers = []
     for i in range(0, len(prompts), batch):
         chunk = prompts[i : i + batch]
@@ -541,11 +541,11 @@ def revised_forms(
             g.text
             for g in generate(engine, tokenizer, chunk, [[-1]] * len(chunk), max_new_tokens=max_answer_tokens)
         ]
-    for (item_id, text, q, f, new_values), a, p in zip(asks, answers, prompts, strict=True):
+    for (item_id, text, q, f, new_values, later_text), a, p in zip(asks, answers, prompts, strict=True):
         a = a.strip().split("\n")[0].strip()
-        new = revised_value(a, f["value"], new_values)
-        # The base's answer counts only when it gives a later value last and names nothing the two
-        # notes and the question do not: otherwise the earlier form stands.
+        new = revised_value(a, f["value"], new_values, later=later_text)
+        # The base's answer counts only when it gives a later value (see revised_value) and names
+        # nothing the two notes and the question do not: otherwise the earlier form stands.
         if new is None or not _keys(a) <= _keys(text):
             continue
         out.setdefault(item_id, []).append(
@@ -555,9 +555,11 @@ def revised_forms(
     return out
 
 
-def revised_value(answer: str, old: str, candidates: Sequence[str]) -> str | None:
-    """The candidate an answer gives as the value now (the last value it states, when that is a
-    candidate and comes after any mention of the old one), or None."""
+def revised_value(answer: str, old: str, candidates: Sequence[str], *, later: str = "") -> str | None:
+    """The candidate an answer gives as the value now, or None: the last value it states, when
+    that is a candidate, and the old value not at all, unless the answer restates the later
+    document's own words ("Max has moved from desk M10 to desk K4"): a small base that compares
+    the two notes wrongly still names both values, with the new one last."""
 
     def last(v: str) -> int:
         hits = [
@@ -566,10 +568,16 @@ def revised_value(answer: str, old: str, candidates: Sequence[str]) -> str | Non
         ]
         return max(hits) if hits else -1
 
+    if last(old) >= 0 and (not later or _plain(answer) not in _plain(later)):
+        return None
     best = max(candidates, key=last, default=None)
     if best is None or last(best) < 0 or last(best) < last(old):
         return None
     return best
+
+
+def _plain(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9-]+", text.lower()))
 
 
 def _recipe(mode: str) -> str:
