@@ -507,9 +507,7 @@ def revised_forms(
     document, its forms) pairs."""
     from fleet.lora import generate
 
-    asks: list[
-        tuple[int, str, str, dict[str, Any], list[str]]
-    ] = []  # (later id, prompt text, q, form, values)
+    asks: list[tuple] = []  # (later id, prompt text, question, earlier form, candidate values, later text)
     for it in later:
         sentences = _sentences(it.text)
         seen: set[str] = set()
