@@ -288,8 +288,15 @@ def template_questions(sentence: str, value: str) -> list[str]:
     return [q[0].upper() + q[1:] for q in dict.fromkeys(out) if not states(q, value)]
 
 
+def positions(text: str, value: str) -> list[int]:
+    """Where ``text`` states ``value`` as a whole token (case-insensitive)."""
+    return [
+        m.start() for m in re.finditer(r"(?<![\w-])" + re.escape(value.lower()) + r"(?![\w-])", text.lower())
+    ]
+
+
 def states(text: str, value: str) -> bool:
-    return re.search(r"(?<![\w-])" + re.escape(value.lower()) + r"(?![\w-])", text.lower()) is not None
+    return bool(positions(text, value))
 
 
 @torch.no_grad()
@@ -560,11 +567,7 @@ def revised_value(answer: str, old: str, candidates: Sequence[str], *, later: st
     the two notes wrongly still names both values, with the new one last."""
 
     def last(v: str) -> int:
-        hits = [
-            m.start()
-            for m in re.finditer(r"(?<![\w-])" + re.escape(v.lower()) + r"(?![\w-])", answer.lower())
-        ]
-        return max(hits) if hits else -1
+        return max(positions(answer, v), default=-1)
 
     if last(old) >= 0 and (not later or _plain(answer) not in _plain(later)):
         return None
