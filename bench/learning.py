@@ -43,6 +43,9 @@ KEYS = (
     "leak_upper95",
     "kv_bytes_vs_adapter_bytes",
     "base_general_nll",
+    "general_kl_nats",
+    "general_base_correct",
+    "general_lost",
 )
 
 

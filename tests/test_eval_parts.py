@@ -311,6 +311,33 @@ def test_replayed_instructions_are_none_of_those_the_eval_measures_and_train_onl
     assert row.mask == tuple([0] * len(prompts[0]) + [1] * len(answers[0]))
 
 
+def test_every_general_row_weighs_the_same_in_the_training_penalty_whatever_its_length():
+    """A short chat answer replayed beside a long passage carries half the member's general
+    penalty (by tokens it would carry a seventh), while the eval's KL stays a per-token sum."""
+    import torch
+
+    from fleet.train.loop import _member_kl, _member_row_kl
+
+    torch.manual_seed(0)
+    T, V = 40, 11
+    base = torch.randn(2, T, V)
+    model = base.clone()
+    model[0, :-1] += 0.3 * torch.randn(T - 1, V)  # row 0 (a long passage) moves a little everywhere
+    model[1, :-1] += 0.9 * torch.randn(T - 1, V)  # row 1 (a short answer) moves more
+    mask = torch.zeros(2, T)
+    mask[0, 1:] = 1.0  # 39 targets
+    mask[1, T - 6 :] = 1.0  # 6 targets
+    member = torch.tensor([0, 0])
+    lp_b, lp_m = base[:, :-1].log_softmax(-1), model[:, :-1].log_softmax(-1)
+    kl_BT = (lp_b.exp() * (lp_b - lp_m)).sum(-1) * mask[:, 1:]
+    row_means = kl_BT.sum(1) / mask[:, 1:].sum(1)
+    assert torch.allclose(_member_row_kl(base, model, mask, member, 1), row_means.sum().reshape(1))
+    assert torch.allclose(_member_kl(base, model, mask, member, 1), kl_BT.sum().reshape(1))
+    # The two members' rows stay apart.
+    two = _member_row_kl(base, model, mask, torch.tensor([1, 0]), 2)
+    assert torch.allclose(two, row_means.flip(0))
+
+
 def test_a_document_joined_to_the_context_above_it_states_two_hop_facts_directly():
     from fleet.train.augment import bridges
 

@@ -333,7 +333,9 @@ def evaluate(
     out["general_dnll_nats"] = sum(dnll.values()) / len(dnll)
     out["general_dnll_max"] = max(dnll.values())
     out.update(
-        _instructions(engine, tok, GENERAL_INSTRUCTIONS, [row[m] for m in askers], base_row, max_new_tokens)
+        _instructions(
+            engine, tok, GENERAL_INSTRUCTIONS, {m: row[m] for m in askers}, base_row, max_new_tokens
+        )
     )
 
     # Memory: adapter bytes of each stack vs the KV cache of the context it replaces.
@@ -421,18 +423,26 @@ def _nll(engine, enc: list[list[int]], row: list[int]) -> float:
 
 
 @torch.no_grad()
-def _instructions(engine, tok, instructions, rows: list[list[int]], base_row, max_new: int) -> dict[str, Any]:
-    """KL(base ‖ stack) on the base's own answers, and the base's correct answers each stack keeps."""
+def _instructions(
+    engine, tok, instructions, rows: dict[str, list[int]], base_row, max_new: int
+) -> dict[str, Any]:
+    """KL(base ‖ stack) on the base's own answers, the base's correct answers each stack keeps, and
+    each one it lost (``general_lost``: model, instruction, the base's reply, the stack's)."""
     from fleet.base.tokenizer import chat_ids
     from fleet.lora import generate
 
     prompts = [chat_ids(tok, [{"role": "user", "content": i.prompt}]) for i in instructions]
     base = generate(engine, tok, prompts, [base_row] * len(prompts), max_new_tokens=max_new)
     good = [k for k, (i, g) in enumerate(zip(instructions, base, strict=True)) if i.correct(g.text)]
-    kept, kl_sum, kl_n = 0, 0.0, 0
-    for r in rows:
+    kept, kl_sum, kl_n, lost = 0, 0.0, 0, []
+    for model, r in rows.items():
         outs = generate(engine, tok, [prompts[k] for k in good], [r] * len(good), max_new_tokens=max_new)
-        kept += sum(instructions[k].correct(o.text) for k, o in zip(good, outs, strict=True))
+        for k, o in zip(good, outs, strict=True):
+            if instructions[k].correct(o.text):
+                kept += 1
+            else:
+                lost.append({"model": model, "instruction": instructions[k].prompt, "base": base[k].text,
+                             "reply": o.text})  # fmt: skip
         for k in good:
             ids = prompts[k] + list(base[k].token_ids)
             x = torch.tensor([ids], device=engine.device)
@@ -450,6 +460,7 @@ def _instructions(engine, tok, instructions, rows: list[list[int]], base_row, ma
         "general_answers_kept": kept / trials if trials else 1.0,
         "general_answers_kept_ci95": list(wilson(kept, trials)),
         "general_kl_nats": kl_sum / max(1, kl_n),
+        "general_lost": lost,
     }
 
 

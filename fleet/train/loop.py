@@ -259,7 +259,7 @@ def _run_pack(spec, cfg, state, report, progress, eval_every, kl_lambda, device)
         g_M = torch.zeros(len(members), device=device)
         for i, rs in rows.items():
             n_M[i] = sum(r.targets for r in rs if not r.general)
-            g_M[i] = sum(r.targets for r in rs if r.general)
+            g_M[i] = sum(1 for r in rs if r.general)  # general rows count once each (see _member_row_kl)
         loss_M = torch.zeros(len(members), device=device)
         # One forward/backward per length bucket (private and general rows apart), every member's rows
         # of that bucket together: padding stays low, and a row is always computed at its bucket's
@@ -275,7 +275,7 @@ def _run_pack(spec, cfg, state, report, progress, eval_every, kl_lambda, device)
                         base_BTV = model(
                             input_ids=batch.ids_BT, attention_mask=batch.attention_BT
                         ).logits.float()
-                    kl_M = _member_kl(base_BTV, logits_BTV, batch.mask_BT, batch.member_B, len(members))
+                    kl_M = _member_row_kl(base_BTV, logits_BTV, batch.mask_BT, batch.member_B, len(members))
                     part_M = kl_w * kl_M / g_M.clamp(min=1)
                 else:
                     # Cross-entropy on the target tokens only (answers, assistant turns, documents), plus
@@ -406,12 +406,29 @@ def _member_nll(logits_BTV, ids_BT, mask_BT, member_B, n_members: int):
     return nll_M, count_M
 
 
-def _member_kl(base_BTV, logits_BTV, mask_BT, member_B, n_members: int):
-    """Summed per-token KL(base ‖ model) per member over the target tokens."""
+def _kl_BT(base_BTV, logits_BTV, mask_BT):
+    """Per-token KL(base ‖ model) at the target tokens (0 elsewhere), and the target mask."""
     lp_base = F.log_softmax(base_BTV[:, :-1], -1)
     lp_model = F.log_softmax(logits_BTV[:, :-1], -1)
-    kl_BT = (lp_base.exp() * (lp_base - lp_model)).sum(-1) * mask_BT[:, 1:]
+    m_BT = mask_BT[:, 1:]
+    return (lp_base.exp() * (lp_base - lp_model)).sum(-1) * m_BT, m_BT
+
+
+def _member_kl(base_BTV, logits_BTV, mask_BT, member_B, n_members: int):
+    """Summed per-token KL(base ‖ model) per member over the target tokens."""
+    kl_BT, _ = _kl_BT(base_BTV, logits_BTV, mask_BT)
     return torch.zeros(n_members, device=kl_BT.device).index_add(0, member_B, kl_BT.sum(1))
+
+
+def _member_row_kl(base_BTV, logits_BTV, mask_BT, member_B, n_members: int):
+    """Per member, the sum over its rows of each row's mean per-token KL(base ‖ model): the
+    training penalty on general rows, where every row weighs the same, so a short chat answer
+    replayed is not outweighed by a long passage of text (counted by tokens, a 40-token answer
+    beside a 250-token speech would carry a seventh of the penalty, and chat is what members are
+    asked in)."""
+    kl_BT, m_BT = _kl_BT(base_BTV, logits_BTV, mask_BT)
+    per_row = kl_BT.sum(1) / m_BT.sum(1).clamp(min=1)
+    return torch.zeros(n_members, device=kl_BT.device).index_add(0, member_B, per_row)
 
 
 def _member_distill(logits_BTV, batch, n_members: int):
