@@ -211,6 +211,10 @@ class TrainConfig(_Section):
     """Private rows each member contributes to one packed step."""
     general_rows_per_member: int = Field(1, ge=0)
     """General-text rows (KL toward the base only) each member adds to a step; 0: none."""
+    chat_rows_per_member: int = Field(1, ge=0)
+    """On an instruct base, rows of the base's own answers to general instructions (KL toward the
+    base only, on the answer's tokens) each member adds to a step; 0: none. More of them, with a
+    higher ``kl_weight``, keep more of the base's general answers at some cost in recall (README)."""
     augment: Literal["auto", "base", "template", "off"] = "auto"
     """Training forms of documents: base (the base writes questions, answers them with the document
     in context, paraphrases it), template (X is Y → What is X?, for the tiny base), off. auto: base

@@ -134,6 +134,7 @@ def trained(smollm2, tmp_path_factory, ray_local):
             "cpus_per_worker": 2,
             "augment": "template",
             "general_rows_per_member": 0,
+            "chat_rows_per_member": 0,
         },
         serve={"adapter_slots": 8, "port": free_port(), "max_new_tokens": 48},
     )
