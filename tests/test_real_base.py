@@ -248,6 +248,31 @@ def test_the_base_writes_forms_that_state_their_values_and_replays_its_own_gener
     assert len(rows) >= 40 and all(r.general and r.mask[0] == 0 and r.targets > 0 for r in rows)
 
 
+def test_general_answers_a_stack_loses_are_each_listed_with_the_bases_reply(smollm2, tmp_path):
+    from _tiny import random_lora
+
+    from fleet.data.corpus import GENERAL_INSTRUCTIONS
+    from fleet.lora.build import build_engine
+    from fleet.ops.evaluate import _instructions
+
+    cfg = make_config(tmp_path, smollm2)
+    engine, tok = build_engine(cfg, slots=1, device="cpu", path=smollm2)
+    engine.load("noise", random_lora(engine.model, rank=8, seed=3, std=0.5))  # a stack that forgets
+    asked = GENERAL_INSTRUCTIONS[:4]
+    rows = {"same": [-1], "noise": [engine.slot("noise")]}
+    out = _instructions(engine, tok, asked, rows, [-1], max_new=12)
+    good = out["general_base_correct"]
+    assert good >= 2  # the base answers capitals
+    lost = out["general_lost"]
+    assert round((1 - out["general_answers_kept"]) * good * len(rows)) == len(lost) > 0
+    assert {x["model"] for x in lost} == {"noise"}  # the base itself loses nothing
+    by_prompt = {i.prompt: i for i in asked}
+    for x in lost:
+        assert by_prompt[x["instruction"]].correct(x["base"]) and not by_prompt[x["instruction"]].correct(
+            x["reply"]
+        )
+
+
 def test_a_later_note_that_changes_a_value_revises_the_earlier_notes_question(smollm2, tmp_path):
     from fleet.lora.build import build_engine
     from fleet.registry import SnapshotItem
