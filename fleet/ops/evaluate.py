@@ -443,15 +443,16 @@ def _instructions(
             else:
                 lost.append({"model": model, "instruction": instructions[k].prompt, "base": base[k].text,
                              "reply": o.text})  # fmt: skip
-        for k in good:
-            ids = prompts[k] + list(base[k].token_ids)
-            x = torch.tensor([ids], device=engine.device)
-            with engine.rows(torch.tensor([base_row])):
-                lb = torch.log_softmax(engine.model(input_ids=x).logits.float()[0], -1)
+    for k in good:  # the base's log-probs on its own answer once, then each stack's
+        ids = prompts[k] + list(base[k].token_ids)
+        x = torch.tensor([ids], device=engine.device)
+        span = slice(len(prompts[k]) - 1, len(ids) - 1)
+        with engine.rows(torch.tensor([base_row])):
+            lb = torch.log_softmax(engine.model(input_ids=x).logits.float()[0, span], -1)
+        for r in rows.values():
             with engine.rows(torch.tensor([r])):
-                lm = torch.log_softmax(engine.model(input_ids=x).logits.float()[0], -1)
-            span = slice(len(prompts[k]) - 1, len(ids) - 1)
-            kl_sum += float((lb[span].exp() * (lb[span] - lm[span])).sum())
+                lm = torch.log_softmax(engine.model(input_ids=x).logits.float()[0, span], -1)
+            kl_sum += float((lb.exp() * (lb - lm)).sum())
             kl_n += len(ids) - len(prompts[k])
     trials = len(good) * len(rows)
     return {

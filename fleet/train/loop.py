@@ -210,14 +210,13 @@ def _run_pack(spec, cfg, state, report, progress, eval_every, kl_lambda, device)
         tokenizer, general_passages(GENERAL_POOL, split="replay", tiny=tiny), cfg.data.context_length
     )
     general_streams = [RowStream(general, seed=f"{cfg.train.seed}:{m.model_id}:general") for m in members]
-    general_take = [general_per_member] * len(members)
     # On a real base, the base's own answers to general instructions too (chat form, as the private
     # rows are): `chat_rows_per_member` of them per member and step.
     chat_per_member = cfg.train.chat_rows_per_member
     if not tiny and chat_per_member:
         chat = _chat_replay(engine, tokenizer, cfg.data.context_length)
         general_streams += [RowStream(chat, seed=f"{cfg.train.seed}:{m.model_id}:chat") for m in members]
-        general_take += [chat_per_member] * len(members)
+    takes = (general_per_member, chat_per_member)  # rows a step of each general stream kind
     general_heldout = general_rows(
         tokenizer, general_passages(GENERAL_HELDOUT, split="heldout", tiny=tiny), cfg.data.context_length
     )
@@ -256,8 +255,7 @@ def _run_pack(spec, cfg, state, report, progress, eval_every, kl_lambda, device)
         for i in active:
             if members[i].kl_weight > 0:
                 for j in range(i, len(general_streams), len(members)):  # general text, then chat replay
-                    if general_take[j]:
-                        rows[i] = rows[i] + general_streams[j].take(general_take[j])
+                    rows[i] = rows[i] + general_streams[j].take(takes[j // len(members)])
         # Each member's own means: a member with long rows does not outweigh one with short.
         n_M = torch.zeros(len(members), device=device)
         g_M = torch.zeros(len(members), device=device)
